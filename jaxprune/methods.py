@@ -1,0 +1,296 @@
+"""Pure pruning methods: each returns a boolean mask of ``x.shape`` (True = kept). Spec §3 and §5.
+
+Every method takes ``mask=``, the mask an earlier pruning left, and then behaves like a step of torch's
+``PruningContainer`` (spec §5.2): unstructured methods rank only the entries still kept and ``amount`` is relative
+to them; structured methods rank the channels not yet fully pruned; the result is combined with the old mask, so a
+pruned entry never comes back. Without ``mask=`` a method is torch's first prune of a fresh parameter.
+
+Scores are the importance scores when given, else the effective weight ``x * mask`` as torch ranks
+``module.weight`` (spec §1.3): zeros left by an earlier unstructured prune lower a channel's norm.
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence, Union
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxprune import selection
+from jaxprune.amounts import Amount, num_to_prune, validate_amount
+from jaxprune.errors import ShapeMismatchError, UnsupportedDtypeError, UnsupportedNormError
+
+Norm = Union[int, float, str, None]
+
+
+def check_mask(mask: Optional[jax.Array], x: jax.Array, what: str = "mask") -> Optional[jax.Array]:
+  """Validates a mask against ``x`` and returns it as bool (numeric 0/1 masks are accepted when concrete)."""
+  if mask is None:
+    return None
+  mask = jnp.asarray(mask)
+  if mask.shape != x.shape:
+    raise ShapeMismatchError(f"{what} should have the same shape as the tensor, got {mask.shape} vs {x.shape}")
+  if mask.dtype == jnp.bool_:
+    return mask
+  if isinstance(mask, jax.core.Tracer):
+    raise TypeError(f"{what} must be a bool array under jit, got dtype {mask.dtype}")
+  values = np.unique(np.asarray(mask))
+  if not np.isin(values, [0, 1]).all():
+    raise ValueError(f"{what} must be binary (0/1 or bool), found values {values[~np.isin(values, [0, 1])][:5]}")
+  return mask != 0
+
+
+def check_scores(importance_scores, x) -> jax.Array:
+  if importance_scores is None:
+    return x
+  scores = jnp.asarray(importance_scores)
+  if scores.shape != x.shape:
+    raise ShapeMismatchError(
+        f"importance_scores should have the same shape as the tensor, got {scores.shape} vs {x.shape}")
+  return scores
+
+
+def effective(x: jax.Array, mask: Optional[jax.Array]) -> jax.Array:
+  return x if mask is None else mask.astype(x.dtype) * x
+
+
+def _abs_keys(scores: jax.Array) -> jax.Array:
+  if scores.dtype == jnp.bool_:
+    raise UnsupportedDtypeError("cannot rank bool scores: L1 needs a numeric tensor")
+  return selection.sortable_keys(jnp.abs(scores))
+
+
+def live_count(live: Optional[jax.Array], size: int):
+  """How many units are still live: a Python int unless the mask is traced (so eager errors match torch's)."""
+  if live is None:
+    return size
+  if isinstance(live, jax.core.Tracer):
+    return jnp.sum(live, dtype=jnp.int32)
+  return int(jnp.sum(live))
+
+
+def _unstructured(keys: jax.Array, amount: Amount, mask: Optional[jax.Array]) -> jax.Array:
+  validate_amount(amount)
+  k = num_to_prune(amount, live_count(mask, keys.size))
+  pruned = selection.smallest([keys], k, [mask])[0]
+  return ~pruned if mask is None else mask & ~pruned
+
+
+def identity(x: jax.Array) -> jax.Array:
+  """A mask that keeps everything (torch's ``prune.identity``)."""
+  return jnp.ones(jnp.shape(x), bool)
+
+
+def l1_unstructured(x: jax.Array, amount: Amount, *, mask: Optional[jax.Array] = None,
+                    importance_scores: Optional[jax.Array] = None) -> jax.Array:
+  """Prunes the ``amount`` entries of smallest absolute value (torch's ``prune.l1_unstructured``).
+
+  Args:
+    x: the parameter.
+    amount: a fraction in [0, 1] or a count of entries to prune (of those still kept when ``mask`` is given).
+    mask: the existing mask; only its True entries are ranked.
+    importance_scores: ranked instead of ``x``, by absolute value.
+
+  Returns:
+    A bool mask of ``x.shape``. Exactly ``k`` more entries are False; NaN ranks above +inf; tied entries at the
+    threshold are pruned lowest flat index first.
+  """
+  x = jnp.asarray(x)
+  mask = check_mask(mask, x)
+  return _unstructured(_abs_keys(check_scores(importance_scores, x)), amount, mask)
+
+
+def random_unstructured(key: jax.Array, x: jax.Array, amount: Amount, *,
+                        mask: Optional[jax.Array] = None) -> jax.Array:
+  """Prunes a uniformly random subset of ``amount`` entries (torch's ``prune.random_unstructured``)."""
+  x = jnp.asarray(x)
+  mask = check_mask(mask, x)
+  return _unstructured(selection.sortable_keys(jax.random.uniform(key, x.shape)), amount, mask)
+
+
+def normalize_axis(x: jax.Array, axis: int) -> int:
+  if x.ndim <= 1:
+    raise ValueError("Structured pruning can only be applied to multidimensional tensors. "
+                     f"Found tensor of shape {x.shape} with {x.ndim} dims")
+  return _axis_index(x, axis)
+
+
+def _axis_index(x: jax.Array, axis: int) -> int:
+  if not isinstance(axis, (int, np.integer)) or isinstance(axis, bool):
+    raise TypeError(f"axis must be an int, got {axis!r}")
+  if axis >= x.ndim:
+    raise IndexError(f"Invalid index {axis} for tensor of size {x.shape}")
+  if axis < -x.ndim:
+    raise IndexError(f"axis {axis} is out of range for a tensor with {x.ndim} dims (shape {x.shape})")
+  return int(axis) % x.ndim
+
+
+def other_axes(x: jax.Array, axis: int) -> tuple[int, ...]:
+  return tuple(d for d in range(x.ndim) if d != axis)
+
+
+def _channel_mask(x: jax.Array, axis: int, channels: jax.Array) -> jax.Array:
+  shape = [1] * x.ndim
+  shape[axis] = x.shape[axis]
+  return jnp.broadcast_to(channels.reshape(shape), x.shape)
+
+
+def _structured(channel_keys: jax.Array, x: jax.Array, amount: Amount, axis: int,
+                mask: Optional[jax.Array]) -> jax.Array:
+  """Prunes ``amount`` whole channels along ``axis``, ranking the live ones by ``channel_keys``."""
+  validate_amount(amount)
+  live = None if mask is None else jnp.any(mask, axis=other_axes(x, axis))
+  k = num_to_prune(amount, live_count(live, x.shape[axis]))
+  pruned = selection.smallest([channel_keys], k, [live])[0]
+  kept = _channel_mask(x, axis, ~pruned)
+  return kept if mask is None else kept & mask
+
+
+def random_structured(key: jax.Array, x: jax.Array, amount: Amount, axis: int, *,
+                      mask: Optional[jax.Array] = None) -> jax.Array:
+  """Prunes ``amount`` random channels along ``axis`` (torch's ``prune.random_structured``, ``dim`` -> ``axis``)."""
+  x = jnp.asarray(x)
+  mask = check_mask(mask, x)
+  axis = normalize_axis(x, axis)
+  keys = selection.sortable_keys(jax.random.uniform(key, (x.shape[axis],)))
+  return _structured(keys, x, amount, axis, mask)
+
+
+def vector_norm(t: jax.Array, n: Norm, axes: Sequence[int]) -> jax.Array:
+  """``torch.norm(t, p=n, dim=axes)`` as ``ln_structured`` uses it (spec §3.5), computed in >= float32."""
+  if not jnp.issubdtype(t.dtype, jnp.floating) and not jnp.issubdtype(t.dtype, jnp.complexfloating):
+    raise UnsupportedDtypeError(f"ln_structured needs a floating point tensor, got dtype {t.dtype}")
+  a = jnp.abs(t).astype(jnp.promote_types(jnp.abs(t).dtype, jnp.float32))
+  axes = tuple(axes)
+  if isinstance(n, str):
+    if n == "fro" and len(axes) in (1, 2):
+      n = 2
+    elif n == "nuc" and len(axes) == 2:
+      rest = [d for d in range(t.ndim) if d not in axes]
+      mats = jnp.moveaxis(t.astype(a.dtype), rest + list(axes), range(t.ndim))
+      return jnp.sum(jnp.linalg.svd(mats, compute_uv=False), axis=-1)
+    else:
+      raise UnsupportedNormError(
+          f"n={n!r} is not supported for a {t.ndim}-d tensor: 'fro' needs 2 or 3 dims, 'nuc' exactly 3; "
+          "use a number, inf or -inf")
+  if n is None:
+    n = 2
+  if isinstance(n, bool) or not isinstance(n, (int, float, np.integer, np.floating)):
+    raise TypeError(f"n must be a number, inf, -inf, 'fro' or 'nuc', got {n!r}")
+  n = float(n)
+  if n == np.inf:
+    return jnp.max(a, axis=axes, initial=0)
+  if n == -np.inf:
+    return jnp.min(a, axis=axes, initial=np.inf)
+  if n == 0:
+    return jnp.sum(a != 0, axis=axes).astype(a.dtype)
+  if n == 1:
+    return jnp.sum(a, axis=axes)
+  if n == 2:
+    return jnp.sqrt(jnp.sum(a * a, axis=axes))
+  return jnp.sum(a ** n, axis=axes) ** (1.0 / n)
+
+
+def ln_structured(x: jax.Array, amount: Amount, n: Norm, axis: int, *, mask: Optional[jax.Array] = None,
+                  importance_scores: Optional[jax.Array] = None) -> jax.Array:
+  """Prunes the ``amount`` channels along ``axis`` of smallest L``n`` norm (torch's ``prune.ln_structured``).
+
+  Args:
+    x: the parameter, at least 2-d.
+    amount: a fraction in [0, 1] or a count of channels (of those not yet fully pruned when ``mask`` is given).
+    n: the norm's order: any int or float (0 counts non-zeros, negative orders give 0 to channels holding a 0),
+      ``inf``, ``-inf``, ``None`` (2), ``'fro'`` (2-d/3-d tensors) or ``'nuc'`` (3-d tensors).
+    axis: the channel axis (torch's ``dim``); negative values count from the end.
+    mask: the existing mask; channels still partly kept compete, partial channels stay partial.
+    importance_scores: ranked instead of the effective weight ``x * mask``.
+
+  Returns:
+    A bool mask of ``x.shape``. NaN norms rank above +inf (such channels are kept); tied channels are pruned
+    lowest index first. Norms are computed in float32 for 16-bit inputs and rounded back to the input dtype, so
+    channels that torch sees as tied are tied here too.
+  """
+  x = jnp.asarray(x)
+  mask = check_mask(mask, x)
+  axis = normalize_axis(x, axis)
+  validate_amount(amount)
+  scores = check_scores(importance_scores, x) if importance_scores is not None else effective(x, mask)
+  norms = vector_norm(scores, n, other_axes(x, axis))
+  if jnp.issubdtype(scores.dtype, jnp.floating):
+    norms = norms.astype(scores.dtype)
+  return _structured(selection.sortable_keys(norms), x, amount, axis, mask)
+
+
+def custom_from_mask(x: jax.Array, mask_to_apply: jax.Array, *, mask: Optional[jax.Array] = None) -> jax.Array:
+  """Prunes where ``mask_to_apply`` is False/0 (torch's ``prune.custom_from_mask``).
+
+  torch multiplies by any mask, so 0.5 would scale the weight; a jaxprune mask is binary and a numeric mask with
+  values other than 0 and 1 raises ``ValueError``.
+  """
+  x = jnp.asarray(x)
+  mask = check_mask(mask, x)
+  new = check_mask(mask_to_apply, x, what="mask_to_apply")
+  return new if mask is None else mask & new
+
+
+def nm_structured(x: jax.Array, n: int, m: int, axis: int = -1, *, mask: Optional[jax.Array] = None,
+                  importance_scores: Optional[jax.Array] = None) -> jax.Array:
+  """Keeps the ``n`` largest-magnitude entries of every ``m`` consecutive ones along ``axis`` (N:M sparsity).
+
+  2:4 along the input axis is the pattern NVIDIA's sparse tensor cores accelerate. With ``mask=``, entries already
+  pruned stay pruned and count against the group's ``m - n`` pruned slots; groups with fewer than ``n`` live
+  entries keep them all. Ties: the lower index is pruned first; NaN ranks largest.
+
+  Raises:
+    ValueError: ``n`` outside [0, m], or ``x.shape[axis]`` not a multiple of ``m``.
+  """
+  x = jnp.asarray(x)
+  mask = check_mask(mask, x)
+  if isinstance(n, bool) or isinstance(m, bool) or not isinstance(n, (int, np.integer)) \
+      or not isinstance(m, (int, np.integer)) or m < 1 or not 0 <= n <= m:
+    raise ValueError(f"N:M sparsity needs integers 0 <= n <= m and m >= 1, got n={n!r}, m={m!r}")
+  if x.ndim == 0:
+    raise ValueError("N:M pruning needs at least a 1-d tensor, got a 0-d one")
+  axis = _axis_index(x, axis)
+  if x.shape[axis] % m:
+    raise ValueError(f"N:M pruning with m={m} needs the size of axis {axis} to be a multiple of {m}, "
+                     f"got shape {x.shape}")
+  keys = _abs_keys(check_scores(importance_scores, x))
+  if mask is not None:
+    keys = jnp.where(mask, keys, jnp.zeros((), keys.dtype))  # pruned entries rank below every live one
+  groups = jnp.moveaxis(keys, axis, -1).reshape(-1, m)
+  idx = jnp.arange(m)
+  # Rank of each entry inside its group, largest first; on equal keys the higher index ranks first.
+  other, this = groups[:, None, :], groups[:, :, None]
+  beats = (other > this) | ((other == this) & (idx[None, :] > idx[:, None]))
+  keep = jnp.sum(beats, axis=-1) < n
+  moved_shape = jnp.moveaxis(keys, axis, -1).shape
+  keep = jnp.moveaxis(keep.reshape(moved_shape), -1, axis)
+  return keep if mask is None else keep & mask
+
+
+def block_structured(x: jax.Array, amount: Amount, block_shape: Sequence[int], *, n: Norm = 1,
+                     mask: Optional[jax.Array] = None, importance_scores: Optional[jax.Array] = None) -> jax.Array:
+  """Prunes the ``amount`` blocks of smallest L``n`` norm, tiling ``x`` with blocks of ``block_shape``.
+
+  Block sparsity (e.g. 1x4 or 16x16 tiles) is what block-sparse kernels exploit. With ``mask=``, blocks not yet
+  fully pruned compete and ``amount`` is relative to them.
+
+  Raises:
+    ValueError: ``block_shape`` does not have one positive size per axis, each dividing the axis.
+  """
+  x = jnp.asarray(x)
+  mask = check_mask(mask, x)
+  block_shape = tuple(int(b) for b in block_shape)
+  if len(block_shape) != x.ndim or any(b < 1 or s % b for s, b in zip(x.shape, block_shape)):
+    raise ValueError(f"block_shape {block_shape} must give one positive size per axis, each dividing the "
+                     f"tensor's shape {x.shape}")
+  validate_amount(amount)
+  scores = check_scores(importance_scores, x) if importance_scores is not None else effective(x, mask)
+  tiled = tuple(d for s, b in zip(x.shape, block_shape) for d in (s // b, b))
+  inner = tuple(range(1, 2 * x.ndim, 2))
+  norms = vector_norm(scores.reshape(tiled), n, inner)
+  live = None if mask is None else jnp.any(mask.reshape(tiled), axis=inner)
+  k = num_to_prune(amount, live_count(live, norms.size))
+  pruned = selection.smallest([selection.sortable_keys(norms)], k, [live])[0]
+  kept = jnp.broadcast_to(jnp.expand_dims(~pruned, inner), tiled).reshape(x.shape)
+  return kept if mask is None else kept & mask

@@ -1,0 +1,133 @@
+"""Exact k-smallest selection in O(n), jittable with a traced k, over one array or many (spec §4, §6).
+
+``torch.topk`` sorts; jaxprune does not. Every score is mapped to an unsigned integer key whose order is the
+order torch's comparator uses (NaN above +inf, -0.0 equal to +0.0). The k-th smallest key is then found digit by
+digit from 16-bit histograms: two passes for 32-bit keys, four for 64-bit ones. Histograms are summed across
+arrays, so a global ranking over a pytree, or over shards of a sharded array, exchanges only counts, never the
+scores themselves.
+
+Ties at the k-th key are broken by position: among equal keys, the lowest position is pruned first, positions
+running through the arrays in the order given and row-major inside each. torch leaves this case to libstdc++'s
+introselect internals (spec §4); we pick one documented, deterministic rule instead. The tie pass costs a
+bisection over positions and only runs (under ``lax.cond``) when the tied entries straddle k.
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+from jaxprune.amounts import Count
+
+_DIGIT_BITS = 16
+_BUCKETS = 1 << _DIGIT_BITS
+
+
+def _key_dtype(dtype) -> np.dtype:
+  return np.dtype(np.uint64) if np.dtype(dtype).itemsize == 8 else np.dtype(np.uint32)
+
+
+def key_dtype(dtypes: Sequence) -> np.dtype:
+  """The unsigned key dtype that orders scores of all ``dtypes`` together (torch promotes when it concatenates)."""
+  return _key_dtype(score_dtype(dtypes))
+
+
+def score_dtype(dtypes: Sequence) -> np.dtype:
+  """The dtype scores are compared in: the promotion of ``dtypes``, at least 32 bits wide (exact for f16/bf16)."""
+  dtype = jnp.result_type(*dtypes) if dtypes else jnp.float32
+  if jnp.issubdtype(dtype, jnp.floating):
+    return np.dtype(np.float64) if np.dtype(dtype).itemsize == 8 else np.dtype(np.float32)
+  if jnp.issubdtype(dtype, jnp.integer):
+    wide = np.dtype(dtype).itemsize == 8
+    if jnp.issubdtype(dtype, jnp.signedinteger):
+      return np.dtype(np.int64 if wide else np.int32)
+    return np.dtype(np.uint64 if wide else np.uint32)
+  raise TypeError(f"cannot rank scores of dtype {dtype}: expected a real floating or integer dtype")
+
+
+def sortable_keys(scores: jax.Array, dtype=None) -> jax.Array:
+  """Maps ``scores`` to unsigned keys that sort like torch's topk comparator (NaN largest, -0.0 == +0.0).
+
+  Args:
+    scores: real floating or integer scores.
+    dtype: the common score dtype (see :func:`score_dtype`); defaults to the one of ``scores``.
+  """
+  dtype = score_dtype([scores.dtype]) if dtype is None else np.dtype(dtype)
+  udtype = _key_dtype(dtype)
+  top = np.array(1, udtype) << np.array(8 * udtype.itemsize - 1, udtype)
+  x = scores.astype(dtype)
+  if jnp.issubdtype(dtype, jnp.floating):
+    x = jnp.where(x == 0, jnp.zeros((), dtype), x)
+    bits = lax.bitcast_convert_type(x, udtype)
+    keys = jnp.where((bits & top) != 0, ~bits, bits | top)
+    nan_key = np.array(np.iinfo(udtype).max, udtype) >> np.array(1, udtype) | top  # above +inf's key
+    return jnp.where(jnp.isnan(x), nan_key - np.array(1, udtype), keys)
+  bits = lax.bitcast_convert_type(x, udtype)
+  return bits ^ top if jnp.issubdtype(dtype, jnp.signedinteger) else bits
+
+
+def smallest(keys: Sequence[jax.Array], k: Count,
+             candidates: Optional[Sequence[Optional[jax.Array]]] = None) -> list[jax.Array]:
+  """Boolean arrays marking exactly the ``k`` smallest keys among the candidates.
+
+  Args:
+    keys: unsigned key arrays from :func:`sortable_keys`, all of one dtype, any shapes.
+    k: how many to mark; a Python int or a traced integer scalar, ``0 <= k <= number of candidates``.
+    candidates: per array, a bool array of its shape (True = may be selected) or None (all may).
+
+  Returns:
+    For each array, a bool array of its shape, True at the selected entries.
+  """
+  candidates = [None] * len(keys) if candidates is None else list(candidates)
+  if not keys or sum(key.size for key in keys) == 0 or (isinstance(k, int) and k == 0):
+    return [jnp.zeros(key.shape, bool) for key in keys]
+  udtype = keys[0].dtype
+  sentinel = np.array(np.iinfo(udtype).max, udtype)  # never selected: above every real key
+  flat = [key.ravel() if c is None else jnp.where(c, key, sentinel).ravel() for key, c in zip(keys, candidates)]
+  k = jnp.asarray(k, jnp.int32)
+
+  below = jnp.int32(0)  # how many candidates lie below the prefix found so far
+  prefix = jnp.zeros((), udtype)
+  nbits = 8 * np.dtype(udtype).itemsize
+  for shift in range(nbits - _DIGIT_BITS, -1, -_DIGIT_BITS):
+    shift_u = np.array(shift, udtype)
+    digit_mask = np.array(_BUCKETS - 1, udtype)
+    if shift == nbits - _DIGIT_BITS:
+      digits = [(key >> shift_u).astype(jnp.int32) for key in flat]
+    else:
+      high = np.array(shift + _DIGIT_BITS, udtype)
+      digits = [jnp.where((key >> high) == (prefix >> high), ((key >> shift_u) & digit_mask).astype(jnp.int32),
+                          _BUCKETS) for key in flat]
+    hist = sum(jnp.bincount(d, length=_BUCKETS + 1)[:_BUCKETS] for d in digits).astype(jnp.int32)
+    cum = jnp.cumsum(hist)
+    bucket = jnp.sum(below + cum < k).astype(jnp.int32)  # the bucket holding the k-th smallest
+    below = below + jnp.where(bucket > 0, cum[jnp.maximum(bucket - 1, 0)], 0)
+    prefix = prefix | (bucket.astype(udtype) << shift_u)
+    ties = hist[bucket]
+  threshold = prefix
+  take = k - below  # how many entries equal to the threshold are selected
+
+  offsets = np.cumsum([0] + [key.size for key in flat])
+  total = int(offsets[-1])
+
+  def first_ties_before(position):
+    return sum(jnp.sum((key == threshold) & (lax.iota(jnp.int32, key.size) < position - int(off)), dtype=jnp.int32)
+               for key, off in zip(flat, offsets))
+
+  def bisect_position(_):
+    # The smallest position P with `take` tied entries before it: they are the lowest-positioned ties.
+    def body(_, lo_hi):
+      lo, hi = lo_hi
+      mid = lo + (hi - lo) // 2
+      enough = first_ties_before(mid) >= take
+      return jnp.where(enough, lo, mid), jnp.where(enough, mid, hi)
+    _, hi = lax.fori_loop(0, max(total, 1).bit_length() + 1, body, (jnp.int32(0), jnp.int32(total)))
+    return hi
+
+  cutoff = lax.cond((take != ties) & (take > 0), bisect_position,
+                    lambda _: jnp.where(take > 0, jnp.int32(total), jnp.int32(0)), None)
+  return [((key < threshold) | ((key == threshold) & (lax.iota(jnp.int32, key.size) < cutoff - int(off))))
+          .reshape(orig.shape) for key, off, orig in zip(flat, offsets, keys)]

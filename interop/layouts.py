@@ -1,0 +1,147 @@
+"""Layout rules: where each torch tensor of a module goes in Flax's layout, and how its axes move.
+
+A rule describes one kind of module (Linear, Conv, BatchNorm, ...): for each torch tensor name, the Flax collection,
+the Flax name and the axis transform. Masks move with their parameters. Rules are plain data, so users add their own
+(or force a built-in kind onto some modules) by passing ``rules=[...]``; theirs are tried first.
+
+Which rule applies to a module, in order:
+
+1. a rule whose ``where`` regex matches the module's path (``"layer1.0.conv1"``): forced, so a tensor that does not
+   fit it is an error;
+2. when a torch module is given, a rule one of whose ``torch_types`` is a class in the submodule's MRO (forced too);
+   a module of a type no rule names keeps torch's names and shapes;
+3. without a torch module, the first rule that covers every tensor name of the module with fitting ranks (names
+   and ranks are distinctive: a 2-d ``weight`` is a Linear, a 3- to 5-d one a Conv, ``running_mean`` a BatchNorm;
+   an Embedding's 2-d ``weight`` looks like a Linear's, so embeddings need the module or a ``where`` rule, while
+   on the way back Flax's ``embedding`` name is unambiguous).
+
+Tensors no rule covers keep their torch name and shape, in ``params`` (parameters) or ``buffers`` (buffers).
+"""
+from __future__ import annotations
+
+import re
+from typing import Callable, Mapping, NamedTuple, Optional, Sequence
+
+from interop.errors import LayoutError
+
+
+class Transform(NamedTuple):
+  """An axis permutation taking a torch tensor to its Flax layout; ``perm(ndim)`` gives the axis order."""
+  name: str
+  perm: Callable[[int], tuple[int, ...]]
+
+  def to_flax(self, ndim: int) -> tuple[int, ...]:
+    """The permutation for an ``ndim``-d tensor; ``()`` when it leaves the axes as they are."""
+    perm = tuple(self.perm(ndim))
+    return () if perm == tuple(range(ndim)) else perm
+
+
+IDENTITY = Transform("identity", lambda ndim: tuple(range(ndim)))
+LINEAR = Transform("linear", lambda ndim: (1, 0))  # torch (out, in) -> Dense kernel (in, out)
+CONV = Transform("conv", lambda ndim: (*range(2, ndim), 1, 0))  # torch (O, I, *k) -> Conv kernel (*k, I, O)
+
+
+class TensorMap(NamedTuple):
+  """Where one torch tensor of a module goes: Flax ``collection`` and ``name``, its axis ``transform``, and the
+  torch ranks it may have (``None``: any)."""
+  collection: str
+  name: str
+  transform: Transform = IDENTITY
+  ndims: Optional[tuple[int, ...]] = None
+
+  def fits(self, ndim: int) -> bool:
+    return self.ndims is None or ndim in self.ndims
+
+
+class LayoutRule(NamedTuple):
+  """The Flax layout of one kind of module.
+
+  Attributes:
+    kind: a name for messages (``"linear"``).
+    tensors: torch tensor name (``"weight"``) -> :class:`TensorMap`.
+    torch_types: names of torch classes the rule is for; a class anywhere in a module's MRO matches.
+    where: a regex searched in module paths (``"layer1.0.conv1"``); matching modules get this rule, no matter what.
+  """
+  kind: str
+  tensors: Mapping[str, TensorMap]
+  torch_types: tuple[str, ...] = ()
+  where: Optional[str] = None
+
+  def flax_names(self) -> dict[tuple[str, str], tuple[str, TensorMap]]:
+    """``(collection, flax name) -> (torch name, TensorMap)``: the rule read backwards."""
+    return {(tm.collection, tm.name): (name, tm) for name, tm in self.tensors.items()}
+
+
+BATCHNORM = LayoutRule("batchnorm", {
+    "weight": TensorMap("params", "scale", ndims=(1,)),
+    "bias": TensorMap("params", "bias", ndims=(1,)),
+    "running_mean": TensorMap("batch_stats", "mean", ndims=(1,)),
+    "running_var": TensorMap("batch_stats", "var", ndims=(1,)),
+    "num_batches_tracked": TensorMap("buffers", "num_batches_tracked", ndims=(0,)),
+}, torch_types=("_BatchNorm",))
+LINEAR_RULE = LayoutRule("linear", {
+    "weight": TensorMap("params", "kernel", LINEAR, ndims=(2,)),
+    "bias": TensorMap("params", "bias", ndims=(1,)),
+}, torch_types=("Linear",))
+CONV_RULE = LayoutRule("conv", {
+    "weight": TensorMap("params", "kernel", CONV, ndims=(3, 4, 5)),
+    "bias": TensorMap("params", "bias", ndims=(1,)),
+}, torch_types=("Conv1d", "Conv2d", "Conv3d"))
+NORM_RULE = LayoutRule("norm", {"weight": TensorMap("params", "scale"), "bias": TensorMap("params", "bias")},
+                       torch_types=("LayerNorm", "GroupNorm", "RMSNorm", "_InstanceNorm"))
+EMBEDDING_RULE = LayoutRule("embedding", {"weight": TensorMap("params", "embedding", ndims=(2,))},
+                            torch_types=("Embedding",))
+
+BUILTIN_RULES: tuple[LayoutRule, ...] = (BATCHNORM, LINEAR_RULE, CONV_RULE, NORM_RULE, EMBEDDING_RULE)
+"""Tried in this order after the user's rules; ``LINEAR_RULE`` before ``EMBEDDING_RULE`` makes a bare 2-d
+``weight`` a Linear."""
+
+
+def rule_for(kind: str, where: str) -> LayoutRule:
+  """A built-in rule (``"linear"``, ``"conv"``, ``"batchnorm"``, ``"norm"``, ``"embedding"``) forced onto the
+  modules whose path matches the regex ``where``, e.g. ``rule_for("embedding", r"(^|\\.)tok_emb$")``."""
+  for rule in BUILTIN_RULES:
+    if rule.kind == kind:
+      return rule._replace(where=where, torch_types=())
+  raise ValueError(f"unknown layout kind {kind!r}; built-in kinds: {[r.kind for r in BUILTIN_RULES]}")
+
+
+def _covers(rule: LayoutRule, names: Mapping, side: str) -> bool:
+  table = rule.tensors if side == "torch" else {k: tm for k, (_, tm) in rule.flax_names().items()}
+  return all(name in table and table[name].fits(ndim) for name, ndim in names.items())
+
+
+def select_rule(rules: Sequence[LayoutRule], path: str, names: Mapping, *, types: Optional[Sequence[str]] = None,
+                side: str = "torch") -> tuple[Optional[LayoutRule], bool]:
+  """The rule for the module at ``path`` and whether it was forced (``where`` or torch type) or inferred.
+
+  Args:
+    rules: the user's rules; the built-in ones are tried after them.
+    path: the torch module path (``"layer1.0.conv1"``; ``""`` for the root module).
+    names: the module's tensors, name -> rank: torch names on the torch side, ``(collection, flax name)`` pairs on
+      the Flax side.
+    types: the torch class names in the module's MRO when a torch module is at hand, else None.
+    side: ``"torch"`` or ``"flax"``, which names ``names`` holds.
+  """
+  candidates = (*rules, *BUILTIN_RULES)
+  for rule in candidates:
+    if rule.where is not None and re.search(rule.where, path):
+      return rule, True
+  if types is not None:
+    for rule in candidates:
+      if rule.where is None and set(rule.torch_types) & set(types):
+        return rule, True
+    return None, False
+  for rule in candidates:
+    if rule.where is None and _covers(rule, names, side):
+      return rule, False
+  return None, False
+
+
+def check_fit(rule: LayoutRule, path: str, key: str, tm: TensorMap, shape: Sequence[int]) -> None:
+  """Raises :class:`LayoutError` when a forced rule's tensor map does not fit ``key``'s rank."""
+  if not tm.fits(len(shape)):
+    ranks = " or ".join(str(n) for n in tm.ndims)
+    raise LayoutError(f"layout rule {rule.kind!r} for module {path!r} expects {key!r} to be {ranks}-d "
+                      f"(to become {tm.collection}/{tm.name} by a {tm.transform.name!r} transform), but its shape "
+                      f"is {tuple(shape)}; pass a rule that fits (rules=[...]) or the torch module (module=...)")

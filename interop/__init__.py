@@ -4,6 +4,7 @@ torch is an optional dependency: converting, reading and writing safetensors wor
 ``.pt`` files and :func:`load_pruned` import it when used. The torch and Flax reference models live in
 :mod:`interop.models` (needs torch) and :mod:`interop.flax_models`.
 """
+from interop.compare import diff_state_dicts
 from interop.devices import mask_to_jax, mask_to_torch, to_jax, to_torch_tensor
 from interop.errors import (CheckpointError, DTypeError, DuplicateKeyError, InteropError, LayoutError, MaskError,
                             PairingError, UnsafeCheckpointError)

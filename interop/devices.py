@@ -126,7 +126,7 @@ def permute_host(a: np.ndarray, perm: Sequence[int]) -> np.ndarray:
   """
   groups = _group_reversal(perm)
   if groups is None or a.nbytes < _TILED_MIN_BYTES:
-    return np.ascontiguousarray(a.transpose(perm))
+    return np.array(a.transpose(perm), order="C")  # always a new array, even when the view is contiguous
   i, j = groups
   shape = a.shape
   src = a.reshape(int(np.prod(shape[:i])), int(np.prod(shape[i:j])), int(np.prod(shape[j:])))
@@ -290,9 +290,20 @@ def _on_one_accelerator(arr: Any) -> bool:
 
 
 def _host_of(arr: Any) -> tuple[np.ndarray, bool]:
-  """A host numpy array of ``arr`` and whether it is a private copy (a sharded array is gathered)."""
-  if isinstance(arr, jax.Array) and not (len(arr.devices()) == 1 and next(iter(arr.devices())).platform == "cpu"):
-    return np.asarray(arr), True
+  """A host numpy array of ``arr`` and whether it is a private copy.
+
+  ``np.asarray`` of a JAX array is a read-only view of its buffer (or of a cached gathered copy), never private,
+  so a sharded array is gathered here instead, shard by shard, into memory the caller owns.
+  """
+  if isinstance(arr, jax.Array) and len(arr.devices()) > 1:
+    if not arr.is_fully_addressable:
+      raise ValueError("an array sharded across processes cannot be gathered here; gather it first "
+                       "(jax.experimental.multihost_utils.process_allgather)")
+    out = np.empty(arr.shape, arr.dtype)
+    for shard in arr.addressable_shards:
+      if shard.replica_id == 0:
+        out[shard.index] = np.asarray(shard.data)
+    return out, True
   return np.asarray(arr), False
 
 

@@ -31,15 +31,17 @@ KEYS_METADATA = "interop.keys"
 def atomic_write(path: "os.PathLike[str] | str") -> Iterator[str]:
   """Yields a temporary path beside ``path``; on a clean exit it replaces ``path`` atomically, else it is removed.
 
-  The temporary file is created with the default permissions (umask applies), so the result looks like any other
-  file the process writes.
+  The result keeps the mode of the file it replaces, or gets the default mode (umask applied) when it is new.
   """
   path = os.fspath(path)
   folder = os.path.dirname(os.path.abspath(path))
   tmp = os.path.join(folder, f".{os.path.basename(path)}.{uuid.uuid4().hex}.tmp")
   os.close(os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))
+  # Writers may recreate the file with their own mode: keep the target's mode, or the umask default for a new one.
+  mode = os.stat(path if os.path.exists(path) else tmp).st_mode & 0o7777
   try:
     yield tmp
+    os.chmod(tmp, mode)
     with open(tmp, "rb+") as f:
       os.fsync(f.fileno())
     os.replace(tmp, path)
@@ -90,7 +92,7 @@ def _read_torch(path: str) -> Any:
   try:
     return torch.load(path, map_location="cpu", weights_only=True)
   except pickle.UnpicklingError as err:
-    reason = next((line.strip() for line in str(err).splitlines() if "Unsupported" in line), None)
+    reason = next((line.strip() for line in str(err).splitlines() if "unsupported" in line.lower()), None)
     if reason is None:
       raise CheckpointError(f"{path}: cannot unpickle it, it is truncated or corrupt ({err})") from err
     raise UnsafeCheckpointError(
@@ -161,7 +163,7 @@ def save_state_dict(state_dict: Mapping[str, Any], path: "os.PathLike[str] | str
   path = os.fspath(path)
   if path.endswith(".safetensors"):
     from safetensors.numpy import save_file  # pylint: disable=import-outside-toplevel
-    arrays = {name: np.ascontiguousarray(devices.host_view(value)) for name, value in state_dict.items()}
+    arrays = {name: np.require(devices.host_view(value), requirements="C") for name, value in state_dict.items()}
     meta = {KEYS_METADATA: json.dumps(list(arrays)), **(metadata or {})}
     with atomic_write(path) as tmp:
       save_file(arrays, tmp, metadata=meta)

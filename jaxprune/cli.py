@@ -1,0 +1,490 @@
+"""The ``jaxprune`` command line: inspect, prune and convert checkpoints without writing Python.
+
+* ``jaxprune inspect PATH``: per-tensor sparsity of a torch (``.pt``/``.pth``/``.bin``), safetensors or
+  jaxprune-written JAX checkpoint (a Flax-layout ``.safetensors`` or an Orbax directory), pruned or permanent.
+* ``jaxprune prune IN -o OUT --method l1|random|ln|nm ...``: prunes with jaxprune's engine (torch's exact
+  semantics) and writes a checkpoint that torch loads: ``X_orig`` + ``X_mask`` pairs, or plain tensors with
+  ``--permanent``.
+* ``jaxprune convert IN OUT --layout torch|flax``: torch form <-> JAX form, losslessly (round trips are bit exact).
+
+Every checkpoint is read into one pivot, a torch-form state_dict (the form ``interop`` converts to and from), so
+each command handles every input form the same way. The JAX form, as written here, is Flax-layout pytrees
+``{"params", "masks", "batch_stats", ...}`` (``masks`` holds only the pruned leaves, as bool) plus the
+:class:`interop.TorchSpec` that restores torch's exact keys, order and dtypes on the way back.
+
+User mistakes (bad arguments, missing or corrupt files, amounts out of range, a target that exists) print one line
+on stderr and exit with status 2; nothing is written then, and nothing is overwritten without ``--force``.
+``interop`` (and, through it, torch for ``.pt`` files) and Orbax are imported only by the commands that need them,
+so ``import jaxprune`` never pulls in torch and a safetensors-only install runs every command but ``.pt`` I/O.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import re
+import sys
+from typing import Any, Callable, Iterator, NamedTuple, Optional, Sequence, Union
+
+import jax
+from flax import traverse_util
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+import jaxprune
+from jaxprune.errors import UnsupportedDtypeError
+
+EXIT_USER_ERROR = 2
+TORCH_SUFFIXES = (".pt", ".pth", ".bin")
+SAFETENSORS = ".safetensors"
+FORMAT_KEY = "jaxprune.format"
+"""safetensors metadata (and Orbax ``meta`` entry) marking the JAX form; its value is the layout, ``"flax"``."""
+SPEC_KEY = "interop.spec"
+METHODS = {"l1": "l1_unstructured", "random": "random_unstructured", "ln": "ln_structured", "nm": "nm_structured"}
+
+
+class UserError(Exception):
+  """A mistake in the command line or its input: reported as one line, exit status 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+  """argparse, but a usage mistake is one line (``jaxprune prune: error: ...``), not usage text plus the error."""
+
+  def error(self, message: str):
+    self.exit(EXIT_USER_ERROR, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Reading and writing checkpoints (every form goes through a torch-form state_dict)
+
+
+class Loaded(NamedTuple):
+  """A checkpoint read from disk: its torch-form state_dict (numpy arrays or torch tensors) and the layout of the
+  file (``"torch"``, or ``"flax"`` for the JAX form)."""
+  state_dict: dict
+  layout: str
+
+
+def _metadata(path: str) -> dict:
+  import interop  # pylint: disable=import-outside-toplevel
+  try:
+    return interop.read_metadata(path)
+  except interop.CheckpointError:  # a torch file named .safetensors: load_state_dict reads it by its content
+    return {}
+
+
+def _jax_to_state_dict(trees: dict, spec_json: Optional[str]) -> dict:
+  """The torch-form state_dict of JAX-form trees ``{"params", "masks", collections...}``."""
+  import interop  # pylint: disable=import-outside-toplevel
+  trees = dict(trees)
+  if "params" not in trees:
+    raise UserError(f"the JAX checkpoint has no 'params' (found {sorted(trees)})")
+  params, masked = trees.pop("params"), traverse_util.flatten_dict(trees.pop("masks", {}))
+  flat = traverse_util.flatten_dict(params)
+  for path in masked:
+    if path not in flat:
+      raise UserError(f"mask {'/'.join(path)!r} has no param beside it")
+  masks = traverse_util.unflatten_dict({path: masked.get(path, jaxprune.UNMASKED) for path in flat})
+  spec = interop.TorchSpec.from_json(spec_json) if spec_json else None
+  return interop.to_torch(params, masks, trees, spec, layout="flax", tensors="numpy")
+
+
+def _read_orbax(path: str) -> Loaded:
+  try:
+    import orbax.checkpoint as ocp  # pylint: disable=import-outside-toplevel
+  except ImportError as err:
+    raise UserError(f"{path} is a directory; reading Orbax checkpoints needs orbax-checkpoint "
+                    "(pip install 'jaxprune[orbax]')") from err
+  args = ocp.args.Composite(state=ocp.args.StandardRestore(), meta=ocp.args.JsonRestore())
+  try:
+    with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as checkpointer:
+      restored = checkpointer.restore(os.path.abspath(path), args=args)
+  except Exception as err:  # orbax raises assorted types (FileNotFoundError, ValueError, KeyError) for foreign dirs
+    raise UserError(f"{path}: not an Orbax checkpoint written by `jaxprune convert ... --layout flax` "
+                    f"({type(err).__name__}: {err})") from err
+  meta = restored["meta"] or {}
+  if meta.get(FORMAT_KEY) != "flax":
+    raise UserError(f"{path}: an Orbax checkpoint without jaxprune's {FORMAT_KEY!r} entry")
+  return Loaded(_jax_to_state_dict(restored["state"], meta.get(SPEC_KEY)), "flax")
+
+
+def read_checkpoint(path: str) -> Loaded:
+  """Reads any checkpoint form the CLI knows (see the module docstring)."""
+  import interop  # pylint: disable=import-outside-toplevel
+  if not os.path.exists(path):
+    raise UserError(f"{path}: no such file or directory")
+  if os.path.isdir(path):
+    return _read_orbax(path)
+  state_dict = interop.load_state_dict(path)
+  meta = _metadata(path)
+  if meta.get(FORMAT_KEY) == "flax":
+    return Loaded(_jax_to_state_dict(traverse_util.unflatten_dict(state_dict, sep="/"), meta.get(SPEC_KEY)), "flax")
+  return Loaded(state_dict, "torch")
+
+
+def check_target(path: str, force: bool) -> None:
+  """Refuses to overwrite without ``--force``, and a target whose folder does not exist."""
+  if os.path.lexists(path) and not force:
+    raise UserError(f"{path} exists; pass --force to overwrite it")
+  folder = os.path.dirname(os.path.abspath(path))
+  if not os.path.isdir(folder):
+    raise UserError(f"{path}: the folder {folder} does not exist")
+
+
+def check_output_form(path: str, layout: str) -> None:
+  """Refuses, before any work, a target whose name does not fit the layout to write."""
+  if layout == "torch" and not path.endswith((*TORCH_SUFFIXES, SAFETENSORS)):
+    raise UserError(f"{path}: the torch layout is written as {', '.join(TORCH_SUFFIXES)} (torch.save) or "
+                    f"{SAFETENSORS}")
+  if layout == "flax" and path.endswith(TORCH_SUFFIXES):
+    raise UserError(f"{path}: the flax layout is written as {SAFETENSORS} or an Orbax directory (a path without "
+                    "a suffix), not as a torch pickle")
+  if layout == "flax" and not path.endswith(SAFETENSORS) and os.path.exists(path) and not os.path.isdir(path):
+    raise UserError(f"{path} is a file; an Orbax checkpoint is a directory")
+
+
+def write_torch(state_dict: dict, path: str) -> None:
+  """A torch-form state_dict as ``.pt``/``.pth``/``.bin`` (needs torch) or ``.safetensors`` (does not)."""
+  import interop  # pylint: disable=import-outside-toplevel
+  if not path.endswith(SAFETENSORS):
+    try:
+      import torch  # noqa: F401  # pylint: disable=import-outside-toplevel,unused-import
+    except ImportError as err:
+      raise UserError(f"{path}: writing a torch checkpoint needs torch (pip install 'jaxprune[torch]'); "
+                      f"write {SAFETENSORS} instead") from err
+  interop.save_state_dict(state_dict, path)
+
+
+def _jax_trees(state_dict: dict) -> tuple[dict, str]:
+  """The JAX form of a state_dict: ``{"params", "masks" (pruned leaves only), collections...}`` and its spec."""
+  import interop  # pylint: disable=import-outside-toplevel
+  converted = interop.from_torch(state_dict, layout="flax")
+  host = lambda tree: jax.tree.map(jax.device_get, tree)  # noqa: E731  # numpy keeps the dtypes orbax writes
+  masks = {path: m for path, m in traverse_util.flatten_dict(converted.masks).items() if jaxprune.is_masked(m)}
+  trees = {"params": host(converted.params), **host(converted.buffers)}
+  if masks:
+    trees["masks"] = host(traverse_util.unflatten_dict(masks))
+  return trees, converted.spec.to_json()
+
+
+def write_flax(state_dict: dict, path: str, force: bool) -> None:
+  """The JAX form: a ``.safetensors`` file with ``/``-joined keys, or else an Orbax checkpoint directory."""
+  trees, spec = _jax_trees(state_dict)
+  if path.endswith(SAFETENSORS):
+    import interop  # pylint: disable=import-outside-toplevel
+    interop.save_state_dict(traverse_util.flatten_dict(trees, sep="/"), path,
+                            metadata={FORMAT_KEY: "flax", SPEC_KEY: spec})
+    return
+  try:
+    import orbax.checkpoint as ocp  # pylint: disable=import-outside-toplevel
+  except ImportError as err:
+    raise UserError(f"{path}: writing an Orbax checkpoint needs orbax-checkpoint (pip install 'jaxprune[orbax]'); "
+                    f"or write {SAFETENSORS}") from err
+  args = ocp.args.Composite(state=ocp.args.StandardSave(trees), meta=ocp.args.JsonSave({FORMAT_KEY: "flax",
+                                                                                         SPEC_KEY: spec}))
+  # Orbax writes into a temporary directory and renames it when complete, so a crash leaves no half checkpoint.
+  with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as checkpointer:
+    checkpointer.save(os.path.abspath(path), args=args, force=force)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Output: rich for people, JSON for machines
+
+
+class Output:
+  """Where results go: rich tables on stdout and progress on stderr, or one JSON document on stdout."""
+
+  def __init__(self, as_json: bool):
+    self.json = as_json
+    self.console = Console()
+    self.status_console = Console(stderr=True)
+    # Live displays only make sense on a terminal; piped, rich would leave blank lines in the log.
+    self.live = not as_json and self.status_console.is_terminal
+
+  @contextlib.contextmanager
+  def progress(self, description: str, total: int) -> Iterator[Callable[[str], None]]:
+    """A progress bar over ``total`` steps (on a terminal, without ``--json``); yields ``advance(label)``."""
+    bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                   TextColumn("{task.fields[item]}"), console=self.status_console, transient=True,
+                   disable=not self.live)
+    with bar:
+      task = bar.add_task(description, total=total, item="")
+      yield lambda item: bar.update(task, advance=1, item=item)
+
+  @contextlib.contextmanager
+  def status(self, message: str) -> Iterator[None]:
+    if not self.live:
+      yield
+    else:
+      with self.status_console.status(message):
+        yield
+
+  def emit(self, data: dict, *renderables: Any) -> None:
+    if self.json:
+      print(json.dumps(data, indent=2))
+    else:
+      for r in renderables:
+        self.console.print(r)
+
+
+def _report(state_dict: dict, layout: str) -> dict:
+  """Per-tensor rows and totals of a torch-form state_dict, named as in ``layout``."""
+  import interop  # pylint: disable=import-outside-toplevel
+  converted = interop.from_torch(state_dict, layout=layout)
+  sep = "." if layout == "torch" else "/"
+  # The report follows the pytree's sorted keys; the checkpoint's own order (conv1.weight before conv1.bias) reads
+  # better, and the spec records it.
+  position = {}
+  for i, entry in enumerate(converted.spec.entries):
+    position.setdefault("/".join(entry.path), i)
+  leaves = sorted(jaxprune.sparsity_report(converted.params, converted.masks).leaves, key=lambda l: position[l.path])
+  rows = [{"name": leaf.path.replace("/", sep), "shape": list(leaf.shape), "dtype": leaf.dtype,
+           "pruned": leaf.masked, "size": leaf.size, "zeros": leaf.zeros,
+           "sparsity": leaf.zeros / leaf.size if leaf.size else 0.0} for leaf in leaves]
+  size, zeros = sum(r["size"] for r in rows), sum(r["zeros"] for r in rows)
+  pruned = [r for r in rows if r["pruned"]]
+  pruned_size = sum(r["size"] for r in pruned)
+  return {"layout": layout, "tensors": rows, "buffers": len(jax.tree.leaves(converted.buffers)), "size": size,
+          "zeros": zeros, "sparsity": zeros / size if size else 0.0, "pruned_tensors": len(pruned),
+          "pruned_sparsity": sum(r["zeros"] for r in pruned) / pruned_size if pruned_size else None}
+
+
+def _table(report: dict, title: str):
+  table = Table(title=title, title_justify="left")
+  for name, justify in (("tensor", "left"), ("shape", "right"), ("dtype", "left"), ("pruned", "center"),
+                        ("zeros", "right"), ("sparsity", "right")):
+    table.add_column(name, justify=justify)
+  for r in report["tensors"]:
+    table.add_row(r["name"], "x".join(map(str, r["shape"])) or "()", r["dtype"], "yes" if r["pruned"] else "-",
+                  f"{r['zeros']:,}", f"{r['sparsity']:.2%}")
+  return table
+
+
+def _summary(report: dict) -> str:
+  line = (f"global sparsity {report['sparsity']:.2%}: {report['zeros']:,} zeros in {report['size']:,} parameters "
+          f"({len(report['tensors'])} tensors")
+  line += f", {report['buffers']} buffers not counted)" if report["buffers"] else ")"
+  if report["pruned_tensors"]:
+    line += (f"; {report['pruned_tensors']} pruned tensors (_orig/_mask), their sparsity "
+             f"{report['pruned_sparsity']:.2%}")
+  return line
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Commands
+
+
+def cmd_inspect(args, out: Output) -> None:
+  with out.status(f"reading {args.path}"):
+    loaded = read_checkpoint(args.path)
+    report = _report(loaded.state_dict, loaded.layout)
+  out.emit({"path": args.path, **report}, _table(report, f"{args.path} ({loaded.layout} layout)"), _summary(report))
+
+
+def _amount(text: str) -> Union[int, float]:
+  """``--amount``: a fraction (``0.5``) or, as in torch, a count of entries or channels (``100``)."""
+  try:
+    value: Union[int, float] = int(text) if re.fullmatch(r"\s*[+-]?\d+\s*", text) else float(text)
+  except ValueError:
+    raise argparse.ArgumentTypeError(f"{text!r} is not a number: expected a fraction in [0, 1] or a count") from None
+  try:
+    jaxprune.validate_amount(value)
+  except ValueError as err:  # torch's message, e.g. "amount=1.5 should either be a float in the range [0, 1] ..."
+    raise argparse.ArgumentTypeError(str(err)) from None
+  return value
+
+
+def _regex(text: str) -> re.Pattern:
+  try:
+    return re.compile(text)
+  except re.error as err:
+    raise argparse.ArgumentTypeError(f"{text!r} is not a valid regular expression ({err})")
+
+
+def _norm(text: str) -> Union[int, float, str]:
+  """``--n`` for ln: an order such as 1, 2, inf, -inf, or 'fro'/'nuc' (torch's ``n``)."""
+  if text in ("fro", "nuc"):
+    return text
+  try:
+    value = float(text)
+  except ValueError:
+    raise argparse.ArgumentTypeError(f"{text!r}: expected a number, inf, -inf, 'fro' or 'nuc'") from None
+  return int(value) if value.is_integer() else value
+
+
+def _check_prune_args(args) -> dict:
+  """The method's keyword arguments, after the checks argparse cannot express (one method, one set of options)."""
+  method = args.method
+  if args.use_global and method != "l1":
+    raise UserError("--global ranks all tensors together by magnitude: it works with --method l1 only")
+  if method == "nm":
+    if args.amount is not None:
+      raise UserError("--method nm keeps N of every M entries (--n, --m); it takes no --amount")
+    n, m = 2 if args.n is None else args.n, 4 if args.m is None else args.m
+    if not (isinstance(n, int) and m >= 1 and 0 <= n <= m):
+      raise UserError(f"--method nm needs whole numbers 0 <= --n <= --m, got --n {n} --m {m}")
+    return {"n": n, "m": m, "axis": -1 if args.axis is None else args.axis}
+  if args.amount is None:
+    raise UserError(f"--method {method} needs --amount (a fraction such as 0.5, or a count)")
+  if args.m is not None or method != "ln" and args.n is not None:
+    raise UserError(f"--{'m' if args.m is not None else 'n'} does not apply to --method {method}")
+  kwargs = {"amount": args.amount}
+  if method == "ln":
+    if args.axis is None:
+      raise UserError("--method ln prunes whole slices along --axis: pass --axis 0 (output channels / filters) or "
+                      "--axis 1 (input channels), in torch's layout")
+    kwargs.update(n=2 if args.n is None else args.n, axis=args.axis)
+  elif args.axis is not None:
+    raise UserError(f"--axis applies to --method ln and nm, not {method}")
+  return kwargs
+
+
+def _selector(include: Sequence[re.Pattern], exclude: Sequence[re.Pattern]):
+  """``(path, leaf) -> bool`` on torch names (``conv1.weight``): the default weights, or what ``--include``
+  matches, minus what ``--exclude`` matches."""
+
+  def pick(path: str, leaf) -> bool:
+    name = path.replace("/", ".")
+    chosen = any(r.search(name) for r in include) if include else jaxprune.default_where(path, leaf)
+    return chosen and not any(r.search(name) for r in exclude)
+
+  return pick
+
+
+def cmd_prune(args, out: Output) -> None:
+  import interop  # pylint: disable=import-outside-toplevel
+  kwargs = _check_prune_args(args)
+  check_output_form(args.output, "torch")
+  check_target(args.output, args.force)
+  with out.status(f"reading {args.input}"):
+    # Pruning happens in torch's layout, so --axis and --include mean what they mean to torch.
+    converted = interop.from_torch(read_checkpoint(args.input).state_dict, layout="torch")
+  pick = _selector(args.include, args.exclude)
+  flat, _ = jax.tree_util.tree_flatten_with_path(converted.params)
+  chosen = [path for path, leaf in ((jaxprune.path_str(p), x) for p, x in flat) if pick(path, leaf)]
+  if not chosen:
+    raise UserError(f"no tensor of {args.input} is selected for pruning (by default: floating tensors with 2 or more "
+                    "dimensions; see --include/--exclude)")
+  method = METHODS[args.method]
+  masks = converted.masks  # an earlier pruning is continued, as torch's PruningContainer does: amounts are relative
+  with out.progress("pruning", 1 if args.use_global else len(chosen)) as advance:
+    if args.use_global:
+      masks = jaxprune.global_unstructured(converted.params, kwargs["amount"], masks=masks,
+                                           where=lambda path, _: path in chosen)
+      advance("global L1")
+    else:
+      key = jax.random.key(args.seed) if args.method == "random" else None
+      for path in chosen:  # one leaf at a time for the progress bar; the key still folds in the leaf's index
+        masks = jaxprune.prune(converted.params, method, masks=masks, key=key,
+                               where=lambda p, _, path=path: p == path, **kwargs)
+        advance(path.replace("/", "."))
+  state_dict = interop.to_torch(converted.params, masks, converted.buffers, converted.spec,
+                                permanent=args.permanent,
+                                tensors="numpy" if args.output.endswith(SAFETENSORS) else "torch")
+  with out.status(f"writing {args.output}"):
+    write_torch(state_dict, args.output)
+  report = _report(state_dict, "torch")
+  described = ", ".join(f"{k}={v}" for k, v in kwargs.items())
+  title = (f"{args.output}: {'global ' if args.use_global else ''}{method}({described}) on {len(chosen)} tensors"
+           f"{', made permanent' if args.permanent else ''}")
+  out.emit({"input": args.input, "output": args.output, "method": method, "global": args.use_global,
+            "arguments": kwargs, "permanent": args.permanent, "selected": [c.replace("/", ".") for c in chosen],
+            **report}, _table(report, title), _summary(report))
+
+
+def cmd_convert(args, out: Output) -> None:
+  if os.path.abspath(args.input) == os.path.abspath(args.output):
+    raise UserError(f"{args.output} is the input itself; write the converted checkpoint elsewhere")
+  check_output_form(args.output, args.layout)
+  check_target(args.output, args.force)
+  with out.status(f"reading {args.input}"):
+    loaded = read_checkpoint(args.input)
+  with out.status(f"writing {args.output}"):
+    if args.layout == "torch":
+      write_torch(loaded.state_dict, args.output)
+    else:
+      write_flax(loaded.state_dict, args.output, args.force)
+  report = _report(loaded.state_dict, args.layout)
+  kind = "Orbax directory" if os.path.isdir(args.output) else "file"
+  out.emit({"input": args.input, "output": args.output, "from": loaded.layout, "to": args.layout, **report},
+           f"{args.input} ({loaded.layout} layout) -> {args.output} ({args.layout} layout, {kind}): "
+           f"{len(report['tensors'])} tensors, {report['pruned_tensors']} pruned, {report['buffers']} buffers")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Entry point
+
+
+def build_parser() -> argparse.ArgumentParser:
+  common = argparse.ArgumentParser(add_help=False)
+  common.add_argument("--json", action="store_true", help="print one JSON document instead of tables")
+  parser = _Parser(prog="jaxprune", description="Prune, inspect and convert torch and JAX checkpoints with "
+                   "jaxprune's engine (torch.nn.utils.prune semantics).")
+  sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+  p = sub.add_parser("inspect", parents=[common], help="per-tensor sparsity of a checkpoint",
+                     description="Per-tensor shape, dtype, pruning (_orig/_mask) and zeros of a torch .pt/.pth/.bin, "
+                     "a .safetensors file or a jaxprune Orbax directory, and the global sparsity.")
+  p.add_argument("path")
+  p.set_defaults(run=cmd_inspect)
+
+  p = sub.add_parser("prune", parents=[common], help="prune a checkpoint; torch loads the result",
+                     description="Prune a torch or safetensors checkpoint with jaxprune (torch's semantics; pruning "
+                     "in the input is continued: amounts count the entries still alive). By default every floating "
+                     "tensor with 2+ dimensions (weights, not biases) is pruned, each on its own.")
+  p.add_argument("input", metavar="IN")
+  p.add_argument("-o", "--output", metavar="OUT", required=True, help=".pt/.pth/.bin (torch.save) or .safetensors")
+  p.add_argument("--method", choices=sorted(METHODS), required=True,
+                 help="l1: smallest magnitudes; random; ln: whole channels by Ln norm; nm: N:M (e.g. 2:4)")
+  p.add_argument("--amount", type=_amount, help="fraction (0.5) or count (100) to prune per tensor, or overall "
+                 "with --global")
+  p.add_argument("--global", dest="use_global", action="store_true",
+                 help="one L1 ranking across all selected tensors (torch's global_unstructured)")
+  p.add_argument("--include", type=_regex, action="append", default=[], metavar="REGEX",
+                 help="prune the tensors whose torch name (conv1.weight) matches; repeatable")
+  p.add_argument("--exclude", type=_regex, action="append", default=[], metavar="REGEX",
+                 help="leave the matching tensors alone; repeatable")
+  p.add_argument("--axis", type=int, metavar="D", help="ln: the axis of the pruned slices (0: output channels); "
+                 "nm: the axis of the groups (default -1)")
+  p.add_argument("--n", type=_norm, metavar="N", help="ln: the norm (default 2); nm: the N kept of every M "
+                 "(default 2)")
+  p.add_argument("--m", type=int, default=None, metavar="M", help="nm: the group size M (default 4)")
+  p.add_argument("--seed", type=int, default=0, help="random: the PRNG seed (default 0)")
+  p.add_argument("--permanent", action="store_true", help="bake the masks in (torch's prune.remove): plain tensors "
+                 "that load into an unpruned model")
+  p.add_argument("--force", action="store_true", help="overwrite OUT if it exists")
+  p.set_defaults(run=cmd_prune)
+
+  p = sub.add_parser("convert", parents=[common], help="torch <-> JAX (Flax layout) checkpoints",
+                     description="Convert between the torch form (.pt/.pth/.bin/.safetensors with torch names) and "
+                     "the JAX form (Flax layout: a .safetensors file, or an Orbax checkpoint directory for any OUT "
+                     "without a suffix). Masks and BatchNorm statistics come along; round trips are bit exact.")
+  p.add_argument("input", metavar="IN")
+  p.add_argument("output", metavar="OUT")
+  p.add_argument("--layout", choices=("torch", "flax"), required=True, help="the layout to write")
+  p.add_argument("--force", action="store_true", help="overwrite OUT if it exists")
+  p.set_defaults(run=cmd_convert)
+  return parser
+
+
+def _one_line(err: BaseException) -> str:
+  return " ".join(str(err).split()) or type(err).__name__
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+  """Runs the command line; returns the exit status (0, or 2 for a user error)."""
+  args = build_parser().parse_args(argv)
+  out = Output(args.json)
+  try:
+    args.run(args, out)
+  except KeyboardInterrupt:
+    return 130
+  except (UserError, OSError, ValueError, IndexError, UnsupportedDtypeError) as err:
+    # ValueError covers interop's errors (corrupt, truncated or unsafe files, broken _orig/_mask pairs) and
+    # jaxprune's (counts larger than a tensor, shapes N:M cannot group); IndexError an --axis the tensor lacks (as
+    # torch raises it); OSError unreadable or unwritable paths.
+    print(f"jaxprune {args.command}: error: {_one_line(err)}", file=sys.stderr)
+    return EXIT_USER_ERROR
+  return 0

@@ -178,6 +178,8 @@ def vector_norm(t: jax.Array, n: Norm, axes: Sequence[int]) -> jax.Array:
   if isinstance(n, bool) or not isinstance(n, (int, float, np.integer, np.floating)):
     raise TypeError(f"n must be a number, inf, -inf, 'fro' or 'nuc', got {n!r}")
   n = float(n)
+  if (n < 0 or n == np.inf) and any(t.shape[d] == 0 for d in axes):  # no identity element (torch refuses too)
+    raise UnsupportedNormError(f"the {n} norm of an empty channel is undefined (shape {t.shape}, axes {axes})")
   if n == np.inf:
     return jnp.max(a, axis=axes, initial=0)
   if n == -np.inf:

@@ -30,13 +30,20 @@ Placement = Union[None, jax.Device, jax.sharding.Sharding]
 
 _INT_OF_SIZE = {1: np.uint8, 2: np.int16, 4: np.int32, 8: np.int64}
 _UINT_OF_SIZE = {1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint64}
-_TILED_MIN_BYTES = 1 << 22  # below this a plain numpy transpose is as fast and needs no threads
+_PARALLEL_MIN_BYTES = 1 << 22  # below this one thread is as fast as several
 _TILE_BYTES = 1 << 17  # one tile of a blocked transpose stays in L2
+_ALIGN = 64  # what XLA's CPU client needs to adopt host memory without copying
 
 
 def _torch():
   import torch  # pylint: disable=import-outside-toplevel  # torch is an optional extra
   return torch
+
+
+def _torch_int(size: int):
+  """The torch integer dtype of ``size`` bytes, to reinterpret bits."""
+  torch = _torch()
+  return {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[size]
 
 
 def is_torch_tensor(x: Any) -> bool:
@@ -72,9 +79,7 @@ def host_view(x: Any) -> np.ndarray:
   try:
     return x.numpy()
   except TypeError:  # no numpy dtype of that name in torch's table
-    torch = _torch()
-    as_int = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[x.element_size()]
-    return x.view(as_int).numpy().view(numpy_dtype(dtype_name(x)))
+    return x.view(_torch_int(x.element_size())).numpy().view(numpy_dtype(dtype_name(x)))
 
 
 def torch_from_host(a: np.ndarray):
@@ -119,19 +124,50 @@ def _reverse3(src: np.ndarray, dst: np.ndarray) -> None:
   list(_pool().map(rows, range(0, a, ta)))
 
 
-def permute_host(a: np.ndarray, perm: Sequence[int]) -> np.ndarray:
-  """A new C-contiguous array ``a.transpose(perm)``; large layout transposes run tiled and threaded.
+def aligned_empty(shape: Sequence[int], dtype: Any) -> np.ndarray:
+  """An uninitialised C-contiguous array whose data is 64-byte aligned.
 
-  A naive strided transpose of a big kernel reaches about 0.5 GB/s; tiles that fit in L2 reach several GB/s.
+  ``jax.device_put`` on a CPU device adopts a numpy array's memory only when it is 64-byte aligned and copies it
+  otherwise; numpy itself only guarantees 16 bytes, which would cost a second copy of every tensor.
   """
+  dtype = np.dtype(dtype)
+  nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+  raw = np.empty(nbytes + _ALIGN, np.uint8)
+  start = -raw.ctypes.data % _ALIGN
+  return raw[start:start + nbytes].view(dtype).reshape(tuple(shape))
+
+
+def _by_rows(n: int, nbytes: int, fn: Callable[[slice], Any]) -> list:
+  """``fn`` over row slices of ``range(n)``, one per core when ``nbytes`` is worth it (numpy releases the GIL).
+
+  Copying into fresh memory is bound by page faults as much as by bandwidth; cores fault in parallel.
+  """
+  workers = os.cpu_count() or 1
+  if nbytes < _PARALLEL_MIN_BYTES or n < 2 or workers == 1:
+    return [fn(slice(0, n))]
+  bounds = np.linspace(0, n, min(n, workers) + 1).astype(int)
+  return list(_pool().map(fn, [slice(a, b) for a, b in zip(bounds[:-1], bounds[1:])]))
+
+
+def copy_host(a: np.ndarray, perm: Sequence[int] = (), dtype: Any = None) -> np.ndarray:
+  """A new, aligned, C-contiguous copy of ``a.transpose(perm)`` (of ``a`` for ``perm=()``), cast to ``dtype``.
+
+  Layout transposes of large arrays run tiled (a naive strided transpose of a big kernel reaches about 0.5 GB/s,
+  L2-sized tiles several GB/s); everything else is copied row block by row block on all cores.
+  """
+  perm = tuple(perm) or tuple(range(a.ndim))
+  out = aligned_empty([a.shape[p] for p in perm], a.dtype if dtype is None else dtype)
   groups = _group_reversal(perm)
-  if groups is None or a.nbytes < _TILED_MIN_BYTES:
-    return np.array(a.transpose(perm), order="C")  # always a new array, even when the view is contiguous
-  i, j = groups
-  shape = a.shape
-  src = a.reshape(int(np.prod(shape[:i])), int(np.prod(shape[i:j])), int(np.prod(shape[j:])))
-  out = np.empty([shape[p] for p in perm], a.dtype)
-  _reverse3(src, out.reshape(src.shape[::-1]))
+  if groups is not None and out.dtype == a.dtype and a.nbytes >= _PARALLEL_MIN_BYTES:
+    i, j = groups
+    shape = a.shape
+    src = a.reshape(int(np.prod(shape[:i])), int(np.prod(shape[i:j])), int(np.prod(shape[j:])))
+    _reverse3(src, out.reshape(src.shape[::-1]))
+  elif a.ndim == 0:
+    np.copyto(out, a, casting="unsafe")
+  else:
+    view = a.transpose(perm)
+    _by_rows(out.shape[0], out.nbytes, lambda rows: np.copyto(out[rows], view[rows], casting="unsafe"))
   return out
 
 
@@ -153,22 +189,31 @@ def _lands_on_host(placement: Placement) -> bool:
   return all(d.platform == "cpu" for d in _devices_of(placement))
 
 
-def _fit_x64(view: np.ndarray, key: str) -> tuple[np.ndarray, bool]:
-  """Narrows 64-bit integers to 32 bits (exactly, or fails) when ``jax_enable_x64`` is off; refuses 64-bit floats.
+def _x64_target(dtype: np.dtype, key: str) -> Optional[np.dtype]:
+  """The dtype JAX holds instead of ``dtype`` when ``jax_enable_x64`` is off (None: ``dtype`` itself).
 
-  Returns the array and whether it is a new copy. The torch dtype is kept in the spec, so the way back restores it.
+  64-bit integers are narrowed (exactly, checked by :func:`_check_range`); the torch dtype stays in the spec, so
+  the way back restores it. 64-bit floats are refused: JAX would round them.
   """
-  target = jax.dtypes.canonicalize_dtype(view.dtype)
-  if target == view.dtype:
-    return view, False
-  if view.dtype.kind in "iu":
-    info = np.iinfo(target)
-    if view.size and (view.min() < info.min or view.max() > info.max):
-      raise DTypeError(f"{key!r} is {view.dtype} with values outside {target}'s range and jax_enable_x64 is off; "
-                       "enable it with jax.config.update('jax_enable_x64', True)")
-    return view.astype(target), True
-  raise DTypeError(f"{key!r} is {view.dtype}, but jax_enable_x64 is off, so JAX would round it to {target}; "
+  target = jax.dtypes.canonicalize_dtype(dtype)
+  if target == dtype:
+    return None
+  if dtype.kind in "iu":
+    return target
+  raise DTypeError(f"{key!r} is {dtype}, but jax_enable_x64 is off, so JAX would round it to {target}; "
                    "enable it with jax.config.update('jax_enable_x64', True) or cast the tensor first")
+
+
+def _check_range(low: int, high: int, dtype: np.dtype, target: np.dtype, key: str) -> None:
+  info = np.iinfo(target)
+  if low < info.min or high > info.max:
+    raise DTypeError(f"{key!r} is {dtype} with values outside {target}'s range and jax_enable_x64 is off; "
+                     "enable it with jax.config.update('jax_enable_x64', True)")
+
+
+def _on_accelerator(x: Any) -> bool:
+  """Whether ``x`` is a torch tensor off the CPU (it then crosses through DLPack on its own device)."""
+  return is_torch_tensor(x) and x.device.type != "cpu"
 
 
 @functools.partial(jax.jit, static_argnums=1)
@@ -178,16 +223,13 @@ def _transpose(x: jax.Array, perm: tuple[int, ...]) -> jax.Array:
 
 def _accelerator_to_jax(x, perm: Sequence[int], copy: bool, key: str) -> jax.Array:
   """A torch accelerator tensor as a JAX array on the same device, through DLPack (no host round trip)."""
-  torch = _torch()
   x = x.detach()
-  target = jax.dtypes.canonicalize_dtype(numpy_dtype(dtype_name(x)))
-  if target.name != dtype_name(x):
-    # Range check and narrowing on the device; floats are refused with the host path's message.
-    _fit_x64(np.zeros(0, numpy_dtype(dtype_name(x))), key)
-    info = np.iinfo(target)
-    if x.numel() and (int(x.min()) < info.min or int(x.max()) > info.max):
-      _fit_x64(x.cpu().numpy(), key)
-    x = x.to(getattr(torch, target.name))
+  dtype = numpy_dtype(dtype_name(x))
+  target = _x64_target(dtype, key)
+  if target is not None:  # narrowed on the device
+    if x.numel():
+      _check_range(int(x.min()), int(x.max()), dtype, target, key)
+    x = x.to(getattr(_torch(), target.name))
   arr = jax.dlpack.from_dlpack(x.contiguous())
   if perm:
     return _transpose(arr, tuple(perm))
@@ -214,40 +256,48 @@ def to_jax(x: Any, placement: Placement = None, *, perm: Sequence[int] = (), cop
     DTypeError: a float64/complex128 tensor while ``jax_enable_x64`` is off, or 64-bit integers that do not fit.
   """
   perm = tuple(perm)
-  if is_torch_tensor(x) and x.device.type != "cpu":
+  if _on_accelerator(x):
     arr = _accelerator_to_jax(x, perm, copy, key)
     return arr if placement is None else jax.device_put(arr, placement)
-  view, copied = _fit_x64(host_view(x), key)
-  if perm:
-    view, copied = permute_host(view, perm), True
-  if copy and not copied and _lands_on_host(placement):
-    view = np.array(view)  # device_put would alias the caller's memory
+  view = host_view(x)
+  target = _x64_target(view.dtype, key)
+  if target is not None:
+    if view.size:
+      _check_range(view.min(), view.max(), view.dtype, target, key)
+    view = copy_host(view, perm, dtype=target)
+  elif perm or (copy and _lands_on_host(placement)):  # else device_put would adopt x's memory
+    view = copy_host(view, perm)
   return jax.device_put(view, placement)
 
 
-def _same_bits(view: np.ndarray, value: int) -> np.ndarray:
+def _same_bits(view: np.ndarray, value: int, out: Optional[np.ndarray] = None) -> np.ndarray:
   """Elementwise: is the element bit for bit ``value`` in ``view``'s dtype (so -0.0 is not 0)."""
   ref = np.full((), value, view.dtype)
   size = view.dtype.itemsize
   if size in _UINT_OF_SIZE:
-    return view.view(_UINT_OF_SIZE[size]) == ref.view(_UINT_OF_SIZE[size])
+    return np.equal(view.view(_UINT_OF_SIZE[size]), ref.view(_UINT_OF_SIZE[size]), out=out)
   raw = np.ascontiguousarray(view).view(np.uint8).reshape(*view.shape, size)
-  return (raw == ref.reshape(1).view(np.uint8)).all(-1)
+  return np.all(raw == ref.reshape(1).view(np.uint8), axis=-1, out=out)
 
 
 def binary_mask_host(view: np.ndarray, key: str = "mask") -> np.ndarray:
-  """A torch mask (any dtype) as a new bool array, after checking each value is exactly 0 or 1 bit for bit.
+  """A torch mask (any dtype) as a new aligned bool array, after checking each value is exactly 0 or 1 bit for bit.
 
   -0.0 and NaN are refused along with 0.5: a bool mask cannot give back their bits.
 
   Raises:
     MaskError: naming ``key``, the first offending index and value, and how many values are offending.
   """
-  is_one = _same_bits(view, 1)
-  is_zero = _same_bits(view, 0)
-  binary = np.count_nonzero(is_one) + np.count_nonzero(is_zero)
+  is_one = aligned_empty(view.shape, bool)
+  if view.ndim == 0:
+    binary = int(_same_bits(view, 1, out=is_one)) + int(_same_bits(view, 0))
+  else:
+    def count(rows: slice) -> int:
+      return (np.count_nonzero(_same_bits(view[rows], 1, out=is_one[rows]))
+              + np.count_nonzero(_same_bits(view[rows], 0)))
+    binary = sum(_by_rows(view.shape[0], view.nbytes, count))
   if binary != view.size:
-    flat = int(np.flatnonzero(~(is_one | is_zero))[0])
+    flat = int(np.flatnonzero(~(_same_bits(view, 1) | _same_bits(view, 0)))[0])
     index = tuple(int(i) for i in np.unravel_index(flat, view.shape))
     raise MaskError(
         f"mask {key!r} holds {view[index]!r} at index {index} ({view.size - binary} values in all are neither 0 "
@@ -257,12 +307,12 @@ def binary_mask_host(view: np.ndarray, key: str = "mask") -> np.ndarray:
 
 
 def _accelerator_mask_to_jax(x, key: str) -> jax.Array:
+  """Checked and turned into bool on the tensor's own device; only a bad mask's message needs the host."""
   torch = _torch()
   x = x.detach()
-  size = x.element_size()
-  if size not in _INT_OF_SIZE:
+  if x.element_size() not in _INT_OF_SIZE:  # 16-byte complex: no integer view in torch
     return jnp.asarray(binary_mask_host(host_view(x), key))
-  as_int = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[size]
+  as_int = _torch_int(x.element_size())
   bits = x.view(as_int)
   is_one = bits == torch.ones((), dtype=x.dtype, device=x.device).view(as_int)
   if not bool((is_one | (bits == 0)).all()):
@@ -277,15 +327,16 @@ def mask_to_jax(x: Any, placement: Placement = None, *, perm: Sequence[int] = ()
     MaskError: a value other than exactly 0 or 1.
   """
   perm = tuple(perm)
-  if is_torch_tensor(x) and x.device.type != "cpu":
+  if _on_accelerator(x):
     mask = _accelerator_mask_to_jax(x, key)
     mask = _transpose(mask, perm) if perm else mask
     return mask if placement is None else jax.device_put(mask, placement)
   mask = binary_mask_host(host_view(x), key)
-  return jax.device_put(permute_host(mask, perm) if perm else mask, placement)
+  return jax.device_put(copy_host(mask, perm) if perm else mask, placement)
 
 
 def _on_one_accelerator(arr: Any) -> bool:
+  """Whether ``arr`` is a JAX array on a single non-CPU device (it then crosses through DLPack)."""
   return isinstance(arr, jax.Array) and len(arr.devices()) == 1 and next(iter(arr.devices())).platform != "cpu"
 
 
@@ -325,19 +376,20 @@ def to_torch_tensor(arr: Any, dtype: str, *, perm: Sequence[int] = (), copy: boo
   if tensors == "torch" and _on_one_accelerator(arr):
     torch = _torch()
     t = torch.from_dlpack(arr)
-    t = t.permute(perm).contiguous() if perm else (t.clone() if copy else t)
+    if perm:
+      t = t.permute(perm)
+    if perm or copy:  # clone, not contiguous(): a permuted view can already be contiguous (size-1 axes)
+      t = t.clone(memory_format=torch.contiguous_format)
     return t.to(getattr(torch, dtype))
   host, private = _host_of(arr)
-  if perm:
-    host, private = permute_host(host, perm), True
   target = numpy_dtype(dtype)
-  if host.dtype != target:
-    host, private = host.astype(target), True
+  if perm or host.dtype != target:
+    host, private = copy_host(host, perm, dtype=target), True
   if not private:
     if not copy and tensors == "torch" and isinstance(arr, jax.Array):
       return _torch().from_dlpack(arr)
     if copy:
-      host = np.array(host)
+      host = copy_host(host)
   return torch_from_host(host) if tensors == "torch" else host
 
 
@@ -347,9 +399,10 @@ def mask_to_torch(mask: Any, dtype: str, *, perm: Sequence[int] = (), tensors: s
   if tensors == "torch" and _on_one_accelerator(mask):
     torch = _torch()
     t = torch.from_dlpack(mask)
-    return (t.permute(perm) if perm else t).to(getattr(torch, dtype), memory_format=torch.contiguous_format)
+    return (t.permute(perm) if perm else t).to(getattr(torch, dtype), memory_format=torch.contiguous_format,
+                                                copy=True)
   host, _ = _host_of(mask)
-  host = (permute_host(host, perm) if perm else host).astype(numpy_dtype(dtype))
+  host = copy_host(copy_host(host, perm) if perm else host, dtype=numpy_dtype(dtype))
   return torch_from_host(host) if tensors == "torch" else host
 
 

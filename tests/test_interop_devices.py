@@ -87,18 +87,21 @@ def test_x64_enabled_keeps_64_bit_dtypes():
 @pytest.mark.parametrize("shape,perm", [((37, 53), (1, 0)), ((19, 7, 3, 3), (2, 3, 1, 0)),
                                         ((3, 3, 7, 19), (3, 2, 0, 1)), ((5, 7, 2, 2, 3), (2, 3, 4, 1, 0)),
                                         ((4, 5, 6), (2, 0, 1))])
-def test_tiled_permute_equals_numpy_transpose(monkeypatch, shape, perm, dtype):
-  """Layout permutations through the threaded tiled transpose, with tiny tiles so every edge case is hit (the
-  last case is no layout permutation and goes through numpy)."""
-  monkeypatch.setattr(devices, "_TILED_MIN_BYTES", 0)
+def test_threaded_copies_equal_numpy(monkeypatch, shape, perm, dtype):
+  """Layout permutations through the threaded tiled transpose, with tiny tiles so every edge case is hit; other
+  permutations, plain copies and casts through the row-parallel copy."""
+  monkeypatch.setattr(devices, "_PARALLEL_MIN_BYTES", 0)
   monkeypatch.setattr(devices, "_TILE_BYTES", 64)
   a = np.random.default_rng(0).standard_normal(shape).astype(dtype)
-  out = devices.permute_host(a, perm)
-  assert out.flags.c_contiguous
+  out = devices.copy_host(a, perm)
+  assert out.flags.c_contiguous and out.ctypes.data % 64 == 0
   np.testing.assert_array_equal(out.view(np.uint8), np.ascontiguousarray(a.transpose(perm)).view(np.uint8))
+  np.testing.assert_array_equal(devices.copy_host(a), a)
+  np.testing.assert_array_equal(devices.copy_host(a > 0, perm, dtype=dtype), (a > 0).transpose(perm).astype(dtype))
 
 
-def test_mask_of_any_dtype_becomes_bool_exactly():
+def test_mask_of_any_dtype_becomes_bool_exactly(monkeypatch):
+  monkeypatch.setattr(devices, "_PARALLEL_MIN_BYTES", 0)  # checked block by block, on both cores
   for dtype in (torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.int64, torch.uint8, torch.bool,
                 torch.complex64, torch.complex128):
     mask = (torch.arange(12).reshape(3, 4) % 3 != 0).to(dtype)
@@ -122,3 +125,34 @@ def test_default_copies_never_alias(layout):
   for tensor in sd.values():
     tensor.add_(1)
   jax.tree.map(np.testing.assert_array_equal, conv[:3], before)
+
+
+def test_dlpack_path_run_on_cpu_tensors(monkeypatch):
+  """The accelerator code path (DLPack both ways, on-device transposes, mask checks and int64 narrowing in torch)
+  is the one a CUDA tensor takes; DLPack works on CPU too, so it is exercised here by routing CPU tensors to it."""
+  monkeypatch.setattr(devices, "_on_accelerator", devices.is_torch_tensor)
+  monkeypatch.setattr(devices, "_on_one_accelerator", lambda arr: isinstance(arr, jax.Array) and len(arr.devices()) == 1)
+  calls = []
+  for name in ("_accelerator_to_jax", "_accelerator_mask_to_jax"):
+    original = getattr(devices, name)
+    monkeypatch.setattr(devices, name, lambda *a, _f=original, _n=name, **k: calls.append(_n) or _f(*a, **k))
+  net = nn.Sequential(nn.Conv2d(2, 3, 3), nn.BatchNorm2d(3), nn.Flatten(), nn.Linear(3, 1)).to(torch.bfloat16)
+  prune.l1_unstructured(net[0], "weight", 0.5)
+  prune.l1_unstructured(net[3], "weight", 1)  # (1, 3): its transposed view is contiguous
+  sd = {k: v.clone() for k, v in net.state_dict().items()}
+  for layout in ("torch", "flax"):
+    conv = interop.from_torch(sd, layout=layout)
+    before = jax.tree.map(np.array, conv[:3])
+    back = interop.to_torch(*conv)
+    assert interop.diff_state_dicts(back, net.state_dict()) == []
+    for tensor in [*back.values(), *sd.values()]:
+      tensor.add_(1)
+    jax.tree.map(np.testing.assert_array_equal, conv[:3], before)
+    sd = {k: v.clone() for k, v in net.state_dict().items()}
+  assert calls.count("_accelerator_mask_to_jax") == 4 and calls.count("_accelerator_to_jax") == 18
+  bad = torch.ones(2, 3)
+  bad[1, 1] = 0.5
+  with pytest.raises(interop.MaskError, match=r"'m' holds .* at index \(1, 1\)"):
+    devices.mask_to_jax(bad, key="m")
+  with pytest.raises(interop.DTypeError, match="'n' is int64 with values outside int32"):
+    devices.to_jax(torch.tensor([2 ** 40]), key="n")

@@ -1,0 +1,1 @@
+"""Benchmarks: runnable scripts, one per topic (python -m benchmarks.<name>)."""

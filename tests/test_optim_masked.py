@@ -24,7 +24,7 @@ Y = jnp.sin(X @ jax.random.normal(jax.random.PRNGKey(2), (6, 3)))
 
 def init_params(seed=0):
   k1, k2 = jax.random.split(jax.random.PRNGKey(seed))
-  return {"dense1": {"kernel": jax.random.normal(k1, (6, 16)) * 0.5, "bias": jnp.full((16,), 0.1)},
+  return {"dense1": {"kernel": jax.random.normal(k1, (6, 16)) * 0.5, "bias": jnp.full((16,), 0.1, jnp.float32)},
           "dense2": {"kernel": jax.random.normal(k2, (16, 3)) * 0.5, "bias": jnp.zeros((3,))}}
 
 

@@ -6,6 +6,11 @@ whether it is a fraction (floating) or a count (integer), and it is clipped into
 raise. Either way the number of units to prune is ``round(amount * size)`` with Python's round-half-to-even on the
 *double* product, the way torch computes it; inside ``jit`` that product is formed in float64 (see
 :func:`num_to_prune`), so a schedule can change the amount without recompiling and still round like torch.
+
+One caveat under ``jit`` with x64 off: a float amount passed *as an argument* arrives as float32, so ``0.1`` is
+``0.10000000149`` and ``round(0.1 * 5)`` becomes 1 where torch's double gives 0 (half to even). Amounts exactly
+representable in float32 (0.5, 0.25, 0.75, ...) are unaffected, and Python floats closed over by the jitted
+function keep their double value.
 """
 from __future__ import annotations
 

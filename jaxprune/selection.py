@@ -13,6 +13,7 @@ bisection over positions and only runs (under ``lax.cond``) when the tied entrie
 """
 from __future__ import annotations
 
+import functools
 from typing import Optional, Sequence
 
 import jax
@@ -48,6 +49,7 @@ def score_dtype(dtypes: Sequence) -> np.dtype:
   raise TypeError(f"cannot rank scores of dtype {dtype}: expected a real floating or integer dtype")
 
 
+@functools.partial(jax.jit, static_argnames="dtype")
 def sortable_keys(scores: jax.Array, dtype=None) -> jax.Array:
   """Maps ``scores`` to unsigned keys that sort like torch's topk comparator (NaN largest, -0.0 == +0.0).
 
@@ -84,10 +86,15 @@ def smallest(keys: Sequence[jax.Array], k: Count,
   candidates = [None] * len(keys) if candidates is None else list(candidates)
   if not keys or sum(key.size for key in keys) == 0 or (isinstance(k, int) and k == 0):
     return [jnp.zeros(key.shape, bool) for key in keys]
+  return _smallest(tuple(keys), jnp.asarray(k, jnp.int32), tuple(candidates))
+
+
+@jax.jit
+def _smallest(keys: tuple[jax.Array, ...], k: jax.Array, candidates: tuple[Optional[jax.Array], ...]):
+  # Jitted so that an eager call compiles once per shape, and a new amount (a traced k) never recompiles.
   udtype = keys[0].dtype
   sentinel = np.array(np.iinfo(udtype).max, udtype)  # never selected: above every real key
   flat = [key.ravel() if c is None else jnp.where(c, key, sentinel).ravel() for key, c in zip(keys, candidates)]
-  k = jnp.asarray(k, jnp.int32)
 
   below = jnp.int32(0)  # how many candidates lie below the prefix found so far
   prefix = jnp.zeros((), udtype)

@@ -1,8 +1,9 @@
 """Benchmark: a pruned torch state_dict (~1 GB by default) to JAX and back.
 
-For each way of converting, in fresh processes (so peak memory is not hidden by memory an earlier run freed):
-throughput in GB/s of state_dict bytes, and peak extra resident memory over the level before the call (the
-kernel's high-water mark, reset right before), in GB and in copies of the data. Beside ``interop``, the naive
+For each way of converting, in fresh processes: throughput in GB/s of state_dict bytes (best of a few runs after
+a warm-up), and peak extra resident memory over the level before the call (the kernel's high-water mark, reset
+right before; measured in a separate cold process whose allocator cannot hide freed memory), in GB and in copies of
+the data. Beside ``interop``, the naive
 ``jnp.asarray(t.numpy())`` per tensor (and ``torch.from_numpy(np.array(a))`` back), in the same run; the naive way
 does not pair ``_orig``/``_mask``, keeps float masks, and turns int64 buffers into int32, so it is not lossless
 (the ``exact`` column).
@@ -118,42 +119,61 @@ def _ways() -> dict[str, tuple[Callable, Callable]]:
   }
 
 
-def _measure(method: str, size_bytes: int) -> dict[str, Any]:
-  """One fresh-process measurement of ``method``: both directions, then a bit-for-bit check (untimed)."""
+def _measure(method: str, size_bytes: int, repeats: int) -> dict[str, Any]:
+  """Times ``method`` both ways (best of ``repeats`` after one warm-up) and checks the round trip bit for bit."""
   import jax  # pylint: disable=import-outside-toplevel
 
   import interop  # pylint: disable=import-outside-toplevel
   warnings.simplefilter("ignore")  # the naive way warns about int64 -> int32
   to_jax, to_torch = _ways()[method]
   sd = make_state_dict(size_bytes)
-  nbytes = sum(t.numel() * t.element_size() for t in sd.values())
-  to_jax(make_state_dict(1, seed=1))  # warm-up: imports and jit caches, off the clock
-  with PeakMemory() as forward_memory:
+  times = {"to_jax_s": [], "to_torch_s": []}
+  for _ in range(repeats + 1):  # the first pass warms up imports, jit caches and the allocator
     start = time.perf_counter()
     converted = jax.block_until_ready(to_jax(sd))
-    forward_s = time.perf_counter() - start
-  with PeakMemory() as back_memory:
+    times["to_jax_s"].append(time.perf_counter() - start)
     start = time.perf_counter()
     back = to_torch(converted)
-    back_s = time.perf_counter() - start
-  return {"bytes": nbytes, "to_jax_s": forward_s, "to_torch_s": back_s, "to_jax_extra": forward_memory.extra,
-          "to_torch_extra": back_memory.extra, "exact": interop.diff_state_dicts(back, sd) == []}
+    times["to_torch_s"].append(time.perf_counter() - start)
+    exact = interop.diff_state_dicts(back, sd) == []
+    del converted, back
+  return {"bytes": sum(t.numel() * t.element_size() for t in sd.values()), "exact": exact,
+          **{name: min(values[1:]) for name, values in times.items()}}
 
 
-def _in_fresh_process(method: str, size_bytes: int) -> dict[str, Any]:
-  """Runs :func:`_measure` in a new process whose allocator returns every large block to the OS when freed
-  (a fixed mmap threshold), so memory freed earlier cannot hide a peak."""
+def _peak_memory(method: str, size_bytes: int) -> dict[str, Any]:
+  """Peak extra memory of one cold conversion each way."""
+  import jax  # pylint: disable=import-outside-toplevel
+  warnings.simplefilter("ignore")
+  to_jax, to_torch = _ways()[method]
+  sd = make_state_dict(size_bytes)
+  jax.block_until_ready(to_jax(make_state_dict(1, seed=1)))  # imports and jit caches, outside the window
+  with PeakMemory() as forward:
+    converted = jax.block_until_ready(to_jax(sd))
+  with PeakMemory() as back:
+    to_torch(converted)
+  return {"to_jax_extra": forward.extra, "to_torch_extra": back.extra}
+
+
+def _in_fresh_process(fn: Callable, *args, env: Optional[dict[str, str]] = None) -> dict[str, Any]:
+  """Runs ``fn(*args)`` in a new process, with ``env`` added to its environment."""
   context = multiprocessing.get_context("spawn")
-  saved = os.environ.get("MALLOC_MMAP_THRESHOLD_")
-  os.environ["MALLOC_MMAP_THRESHOLD_"] = str(1 << 16)  # read by glibc when the child starts
+  saved = {name: os.environ.get(name) for name in env or {}}
+  os.environ.update(env or {})  # read by the child (and glibc) when it starts
   try:
     with concurrent.futures.ProcessPoolExecutor(max_workers=1, mp_context=context) as pool:
-      return pool.submit(_measure, method, size_bytes).result()
+      return pool.submit(fn, *args).result()
   finally:
-    if saved is None:
-      del os.environ["MALLOC_MMAP_THRESHOLD_"]
-    else:
-      os.environ["MALLOC_MMAP_THRESHOLD_"] = saved
+    for name, value in saved.items():
+      if value is None:
+        del os.environ[name]
+      else:
+        os.environ[name] = value
+
+
+# With a fixed mmap threshold glibc hands every large block back to the OS when it is freed, so memory freed
+# before a measurement cannot be reused unseen and hide part of a peak.
+_COLD_ALLOCATOR = {"MALLOC_MMAP_THRESHOLD_": str(1 << 16)}
 
 
 def _machine() -> str:
@@ -166,8 +186,9 @@ def _machine() -> str:
   return f"{model}, {os.cpu_count()} cores"
 
 
-def run(size_bytes: int = 10 ** 9, repeats: int = 2) -> dict[str, Any]:
-  """Measures every way ``repeats`` times (fresh processes) and keeps the best time and the largest peak.
+def run(size_bytes: int = 10 ** 9, repeats: int = 3) -> dict[str, Any]:
+  """Measures every way in fresh processes: throughput (best of ``repeats`` warm runs) and peak extra memory (a
+  cold run with an allocator that cannot hide freed memory).
 
   Returns:
     ``{"size_bytes", "machine", "versions", "results": {method: {"to_jax_gbps", "to_torch_gbps",
@@ -178,17 +199,13 @@ def run(size_bytes: int = 10 ** 9, repeats: int = 2) -> dict[str, Any]:
   import torch  # pylint: disable=import-outside-toplevel
   results, nbytes = {}, 0
   for method in METHODS:
-    runs = [_in_fresh_process(method, size_bytes) for _ in range(repeats)]
-    nbytes = runs[0]["bytes"]
-
-    def peak(field: str) -> Optional[int]:
-      values = [r[field] for r in runs]  # pylint: disable=cell-var-from-loop
-      return None if None in values else max(values)
-
-    figures = {"exact": all(r["exact"] for r in runs)}
+    speed = _in_fresh_process(_measure, method, size_bytes, repeats)
+    memory = _in_fresh_process(_peak_memory, method, size_bytes, env=_COLD_ALLOCATOR)
+    nbytes = speed["bytes"]
+    figures = {"exact": speed["exact"]}
     for direction in ("to_jax", "to_torch"):
-      extra = peak(f"{direction}_extra")
-      figures[f"{direction}_gbps"] = nbytes / GB / min(r[f"{direction}_s"] for r in runs)
+      extra = memory[f"{direction}_extra"]
+      figures[f"{direction}_gbps"] = nbytes / GB / speed[f"{direction}_s"]
       figures[f"{direction}_peak_extra_bytes"] = extra
       figures[f"{direction}_peak_extra_copies"] = None if extra is None else extra / nbytes
     results[method] = figures
@@ -217,7 +234,7 @@ def format_table(report: dict[str, Any]) -> str:
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n", maxsplit=1)[0])
   parser.add_argument("--size-mb", type=float, default=1000.0, help="state_dict size in MB (default 1000)")
-  parser.add_argument("--repeats", type=int, default=2, help="fresh-process runs per method (default 2)")
+  parser.add_argument("--repeats", type=int, default=3, help="timed runs per method, best kept (default 3)")
   args = parser.parse_args()
   print(format_table(run(int(args.size_mb * 1e6), args.repeats)))
 

@@ -96,7 +96,8 @@ def test_duplicate_keys_after_conversion():
   with pytest.raises(interop.DuplicateKeyError, match="'0.weight_orig' and '0.weight'"):
     interop.from_torch(sd)
   clash = {"fc.weight": torch.zeros(2, 3), "fc.kernel": torch.zeros(3, 2)}  # Flax's name for fc.weight is taken
-  with pytest.raises(interop.DuplicateKeyError, match="'fc.weight' and 'fc.kernel' would both become 'params/fc/kernel'"):
+  with pytest.raises(interop.DuplicateKeyError,
+                     match="'fc.weight' and 'fc.kernel' would both become 'params/fc/kernel'"):
     interop.from_torch(clash, layout="flax", rules=[layouts.rule_for("linear", "^fc$")])
   nested = {"a": torch.zeros(2), "a.b": torch.zeros(2)}  # a leaf where a subtree must go
   with pytest.raises(interop.DuplicateKeyError, match="'a' would become the leaf 'params/a'"):

@@ -131,7 +131,8 @@ def test_dlpack_path_run_on_cpu_tensors(monkeypatch):
   """The accelerator code path (DLPack both ways, on-device transposes, mask checks and int64 narrowing in torch)
   is the one a CUDA tensor takes; DLPack works on CPU too, so it is exercised here by routing CPU tensors to it."""
   monkeypatch.setattr(devices, "_on_accelerator", devices.is_torch_tensor)
-  monkeypatch.setattr(devices, "_on_one_accelerator", lambda arr: isinstance(arr, jax.Array) and len(arr.devices()) == 1)
+  monkeypatch.setattr(devices, "_on_one_accelerator",
+                      lambda arr: isinstance(arr, jax.Array) and len(arr.devices()) == 1)
   calls = []
   for name in ("_accelerator_to_jax", "_accelerator_mask_to_jax"):
     original = getattr(devices, name)

@@ -44,7 +44,8 @@ def test_safetensors_written_by_others_load_in_file_order(tmp_path):
 def test_metadata_carries_the_spec(tmp_path):
   conv = interop.from_torch(_sd(), layout="flax")
   path = tmp_path / "jax.safetensors"
-  interop.save_state_dict(interop.to_torch(*conv, tensors="numpy"), path, metadata={"interop.spec": conv.spec.to_json()})
+  interop.save_state_dict(interop.to_torch(*conv, tensors="numpy"), path,
+                          metadata={"interop.spec": conv.spec.to_json()})
   assert interop.TorchSpec.from_json(interop.read_metadata(path)["interop.spec"]) == conv.spec
   with pytest.raises(ValueError, match="metadata is stored in safetensors files only"):
     interop.save_state_dict(_sd(), tmp_path / "x.pt", metadata={"a": "b"})

@@ -76,7 +76,7 @@ def test_special_values_and_int64_buffers_survive():
 
 
 def test_mask_dtype_follows_torch_even_when_it_differs_from_the_param():
-  """spec §8.2: Ln with float64 importance scores stores a float64 mask beside a float32 param; kept on the way back."""
+  """spec §8.2: Ln with float64 importance scores stores a float64 mask beside a float32 param; it comes back."""
   net = _net()
   prune.ln_structured(net[0], "weight", 0.4, n=1, dim=0, importance_scores=net[0].weight.detach().double())
   sd = net.state_dict()
@@ -149,6 +149,12 @@ def test_numpy_state_dicts_convert_without_torch_tensors():
   back = interop.to_torch(*interop.from_torch(as_numpy, layout="flax"), tensors="numpy")
   assert all(isinstance(v, np.ndarray) for v in back.values())
   assert interop.diff_state_dicts(back, sd) == []
+
+
+def test_a_torch_module_as_source_is_its_state_dict_with_itself_as_module():
+  net = _spec9_net()
+  assert interop.from_torch(net, layout="flax").spec == interop.from_torch(net.state_dict(), layout="flax",
+                                                                           module=net).spec
 
 
 def test_spec_json_round_trip():

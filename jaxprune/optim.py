@@ -5,8 +5,8 @@ decay, lookahead and friends all produce non-zero updates where the gradient is 
 back (spec §10 measures it for torch). :func:`masked_optimizer` closes every path:
 
 * the gradients are masked before the inner optimizer, so its moments never accumulate for pruned entries;
-* the inner optimizer's state is zeroed at pruned entries after every update, so newly pruned entries lose their
-  momentum at once and re-grown ones start from fresh zero state;
+* the inner optimizer's state is zeroed at pruned entries, so newly pruned entries lose their momentum at once
+  and re-grown ones start from fresh zero state;
 * the updates are masked after it, and drive pruned params to exactly zero (and keep them there).
 
 That is **lock** semantics: pruned params are exactly 0.0 and never move. **torch** semantics instead reproduce a
@@ -114,9 +114,12 @@ def _zero_where_not(keep: PyTree, state: PyTree, params: PyTree) -> PyTree:
   return map_param_state(lambda leaf, k: jnp.where(k, leaf, jnp.zeros_like(leaf)), state, params, keep)
 
 
-def _lock(updates: PyTree, masks: PyTree, fill: Callable[[jax.Array, jax.Array], jax.Array],
-          others: PyTree) -> PyTree:
-  return jax.tree.map(lambda u, m, o: jnp.where(m, u, fill(u, o)) if is_masked(m, u) else u, updates, masks, others)
+def _both(old: PyTree, new: PyTree) -> PyTree:
+  return jax.tree.map(lambda a, b: a & b if is_masked(a) else a, old, new)
+
+
+def _zero_pruned(tree: PyTree, masks: PyTree) -> PyTree:
+  return jax.tree.map(lambda x, m: jnp.where(m, x, jnp.zeros((), x.dtype)) if is_masked(m, x) else x, tree, masks)
 
 
 def masked_optimizer(inner: optax.GradientTransformation, masks: MasksLike = None, *, where: Where = None,
@@ -159,10 +162,7 @@ def masked_optimizer(inner: optax.GradientTransformation, masks: MasksLike = Non
   def init(params):
     initial = init_masks(params, where) if masks is None else masks(params) if callable(masks) else masks
     check_masks(initial, params)
-    inner_state = inner.init(params)
-    if semantics == "lock":
-      inner_state = _zero_where_not(initial, inner_state, params)
-    return MaskedState(masks=initial, inner_state=inner_state)
+    return MaskedState(masks=initial, inner_state=inner.init(params))
 
   def update(updates, state, params=None, *, masks=None, **extra_args):
     new = state.masks if masks is None else check_masks(masks, updates, layout=state.masks)
@@ -171,13 +171,16 @@ def masked_optimizer(inner: optax.GradientTransformation, masks: MasksLike = Non
       return updates, MaskedState(masks=new, inner_state=inner_state)
     if params is None:
       raise ValueError("masked_optimizer (lock semantics) needs `params` in update() to hold pruned params at 0")
-    grads = _lock(updates, new, lambda u, _: jnp.zeros((), u.dtype), updates)
-    updates, inner_state = inner.update(grads, state.inner_state, params, **extra_args)
-    # Zeroing the state of every pruned entry after each update (rather than on mask changes only) also catches
-    # state fed by the params (weight decay on a just-pruned weight), and leaves re-grown entries fresh zero state.
-    inner_state = _zero_where_not(new, inner_state, params)
+    # The inner optimizer sees the pruned model: zero gradients, params and state at pruned entries, and fresh
+    # zero state at re-grown ones (hence kept before *and* after). Its new state there is then zero as well, with
+    # no second pass over the state, and each of its moments stays one fused loop per leaf.
+    keep = new if masks is None else _both(state.masks, new)
+    inner_state = _zero_where_not(keep, state.inner_state, params)
+    updates, inner_state = inner.update(_zero_pruned(updates, new), inner_state, _zero_pruned(params, new),
+                                        **extra_args)
     # -p rather than 0: a pruned param that is not zero yet (just pruned, or given so) lands on exactly 0.0.
-    updates = _lock(updates, new, lambda u, p: -p.astype(u.dtype), params)
+    updates = jax.tree.map(lambda u, m, p: jnp.where(m, u, -p.astype(u.dtype)) if is_masked(m, u) else u,
+                           updates, new, params)
     return updates, MaskedState(masks=new, inner_state=inner_state)
 
   return optax.GradientTransformationExtraArgs(init, update)

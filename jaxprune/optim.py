@@ -16,6 +16,7 @@ alone, so weight decay and stale momentum move pruned ``weight_orig`` entries wh
 """
 from __future__ import annotations
 
+import operator
 from typing import Any, Callable, Literal, NamedTuple, Optional, Union
 
 import jax
@@ -115,7 +116,7 @@ def _zero_where_not(keep: PyTree, state: PyTree, params: PyTree) -> PyTree:
 
 
 def _both(old: PyTree, new: PyTree) -> PyTree:
-  return jax.tree.map(lambda a, b: a & b if is_masked(a) else a, old, new)
+  return jax.tree.map(operator.and_, old, new)  # UNMASKED & UNMASKED stays the NumPy scalar UNMASKED
 
 
 def _zero_pruned(tree: PyTree, masks: PyTree) -> PyTree:

@@ -26,8 +26,8 @@ from jax import lax
 
 from jaxprune import methods as _methods
 from jaxprune.amounts import num_to_prune
-from jaxprune.optim import MaskedState, Semantics, check_semantics, masked_optimizer
-from jaxprune.pytree import Where, global_unstructured, init_masks, is_masked, path_str
+from jaxprune.optim import MaskedState, MasksLike, Semantics, check_semantics, masked_optimizer
+from jaxprune.pytree import Where, global_unstructured, is_masked, path_str
 from jaxprune.schedules import ScheduleLike, as_schedule
 
 PyTree = Any
@@ -120,7 +120,7 @@ def _rewound(updates: PyTree, params: PyTree, rewind: PyTree, masks: PyTree, now
 
 def scheduled_pruning(inner: optax.GradientTransformation, schedule: ScheduleLike,
                       method: Union[str, Callable] = "l1_unstructured", *, where: Where = None,
-                      key: Optional[jax.Array] = None, semantics: Semantics = "lock",
+                      masks: MasksLike = None, key: Optional[jax.Array] = None, semantics: Semantics = "lock",
                       rewind_step: Optional[int] = None, **method_kwargs) -> optax.GradientTransformationExtraArgs:
   """Wraps an optimizer so that it prunes the params on a sparsity schedule, inside ``update``.
 
@@ -143,7 +143,9 @@ def scheduled_pruning(inner: optax.GradientTransformation, schedule: ScheduleLik
     schedule: a sparsity schedule (a function of the step) or a constant sparsity.
     method: ``"l1_unstructured"``, ``"random_unstructured"``, ``"ln_structured"``, ``"random_structured"``,
       ``"block_structured"``, ``"global_unstructured"`` or one of those functions.
-    where: which leaves are pruned (see :func:`jaxprune.selector`); fixed at init.
+    where: which leaves are pruned (see :func:`jaxprune.selector`) when ``masks`` is None; fixed at init.
+    masks: masks to start from (a mask pytree or a function ``params -> masks``), e.g. those of a model pruned
+      before; their pruned units count toward the target. None: all-True masks on the leaves ``where`` picks.
     key: a PRNG key, required by the random methods.
     semantics: ``"lock"`` (newly pruned params are set to 0.0 and frozen) or ``"torch"`` (params are
       ``weight_orig``; only the masks change; the loss must use ``jaxprune.apply_masks``).
@@ -166,7 +168,7 @@ def scheduled_pruning(inner: optax.GradientTransformation, schedule: ScheduleLik
                                   or rewind_step < 0):
     raise ValueError(f"rewind_step must be an int >= 0 or None, got {rewind_step!r}")
   schedule = as_schedule(schedule)
-  masked = masked_optimizer(inner, lambda params: init_masks(params, where), semantics=semantics)
+  masked = masked_optimizer(inner, masks, where=where, semantics=semantics)
   random_key = key if name.startswith("random_") else None
 
   def init(params):
@@ -183,13 +185,13 @@ def scheduled_pruning(inner: optax.GradientTransformation, schedule: ScheduleLik
       raise ValueError("scheduled_pruning needs `params` in update() to rank and prune them")
     target = jnp.asarray(schedule(state.count), jnp.float32)
     prune_now = target > state.sparsity
-    masks = state.inner_state.masks
-    flat_masks, treedef = jax.tree.flatten(masks)
-    masked_at = [i for i, m in enumerate(flat_masks) if is_masked(m)]
+    current = state.inner_state.masks
+    flat_masks, treedef = jax.tree.flatten(current)
+    masked_at = [i for i, (m, p) in enumerate(zip(flat_masks, treedef.flatten_up_to(params))) if is_masked(m, p)]
 
     def prune_branch(key):
       key, sub = jax.random.split(key) if key is not None else (None, None)
-      new = treedef.flatten_up_to(_prune(name, params, masks, target, sub, method_kwargs))
+      new = treedef.flatten_up_to(_prune(name, params, current, target, sub, method_kwargs))
       return [new[i] for i in masked_at], key
 
     def keep_branch(key):

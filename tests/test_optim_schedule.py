@@ -133,6 +133,18 @@ def test_where_selects_the_pruned_leaves():
   assert int((~masks_from_state(state)["dense1"]["kernel"]).sum()) == params["dense1"]["kernel"].size // 2
 
 
+def test_starting_masks_count_toward_the_target_and_stay_pruned():
+  """A model pruned before (30%) and scheduled to 50%: 20% more, the old pruned entries among the pruned."""
+  params = init_params()
+  start = jaxprune.prune(params, "random_unstructured", key=jax.random.PRNGKey(5), amount=0.3)
+  opt = scheduled_pruning(optax.adam(1e-2), 0.5, masks=start)
+  _, state = train(opt, jaxprune.apply_masks(params, start), opt.init(params), 1)
+  masks = masks_from_state(state)
+  for name in params:
+    assert int((~masks[name]["kernel"]).sum()) == round(0.5 * params[name]["kernel"].size)
+    assert not bool(jnp.any(masks[name]["kernel"] & ~start[name]["kernel"]))
+
+
 def test_the_jitted_training_loop_compiles_once_for_the_whole_schedule():
   """A Python loop over a jitted step through every sparsity level: one trace, one XLA compilation."""
   opt = scheduled_pruning(optax.adamw(1e-2), SCHEDULE, "global_unstructured")

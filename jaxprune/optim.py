@@ -70,7 +70,8 @@ def check_masks(masks: PyTree, params: PyTree, layout: Optional[PyTree] = None) 
     elif np.shape(mask) != () or jnp.result_type(mask) != jnp.bool_:
       raise ValueError(f"mask for {name!r}: expected a bool array of shape {np.shape(param)} or jaxprune.UNMASKED, "
                        f"got {jnp.result_type(mask)}{list(np.shape(mask))}")
-    if old is not None and is_masked(mask, param) != is_masked(old, param):
+    # A 0-d param's UNMASKED and a 0-d mask look alike once traced, so only leaves with ndim > 0 are compared.
+    if old is not None and np.ndim(param) > 0 and is_masked(mask, param) != is_masked(old, param):
       raise ValueError(
           f"mask for {name!r}: the optimizer state holds {'a per-entry mask' if is_masked(old, param) else 'UNMASKED'}"
           f" there but {'UNMASKED' if is_masked(old, param) else 'a per-entry mask'} was passed; which leaves are "
@@ -128,8 +129,8 @@ def masked_optimizer(inner: optax.GradientTransformation, masks: MasksLike = Non
   """Wraps any optax optimizer so that pruned weights stay pruned.
 
   The masks live in the state. Pass new ones at any step as an extra argument,
-  ``opt.update(grads, state, params, masks=new_masks)`` (``optax.chain`` forwards it); the transform compares
-  stores them (the state's masks are what the next update uses when none are passed).
+  ``opt.update(grads, state, params, masks=new_masks)`` (``optax.chain`` forwards it): they are used for this
+  update and stored for the next ones. Entries whose mask changed, either way, start from zero optimizer state.
 
   Examples:
     >>> masks = jaxprune.prune(params, "l1_unstructured", amount=0.8)
@@ -173,8 +174,8 @@ def masked_optimizer(inner: optax.GradientTransformation, masks: MasksLike = Non
     if params is None:
       raise ValueError("masked_optimizer (lock semantics) needs `params` in update() to hold pruned params at 0")
     # The inner optimizer sees the pruned model: zero gradients, params and state at pruned entries, and fresh
-    # zero state at re-grown ones (hence kept before *and* after). Its new state there is then zero as well, with
-    # no second pass over the state, and each of its moments stays one fused loop per leaf.
+    # zero state at re-grown ones (hence kept before *and* after). Its new state there is then zero as well (state
+    # built from zeros is zero), with no second pass over the state: each moment stays one fused loop per leaf.
     keep = new if masks is None else _both(state.masks, new)
     inner_state = _zero_where_not(keep, state.inner_state, params)
     updates, inner_state = inner.update(_zero_pruned(updates, new), inner_state, _zero_pruned(params, new),

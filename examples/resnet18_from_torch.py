@@ -111,11 +111,14 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
                                torch_net.state_dict()[key]) for key in torch_net.state_dict() if key.endswith("_mask"))
   state_dict_exact = interop.diff_state_dicts(fresh.state_dict(), state_dict) == []
   logit_diff = float(np.abs(jax_logits - torch_logits).max())
+  accuracy = common.accuracy(torch_logits, data.y_test[:len(x_check)])
   common.console.print(
       f"Back in torch ({back_path}): the fresh model's state_dict equals the converted one bit for bit: "
-      f"{state_dict_exact}; torch's masks unchanged: {masks_kept}; predictions identical on {len(x_check)} images: "
-      f"{same_predictions} (max |logit difference| {logit_diff:.1e}, float32 rounding of different conv kernels)")
+      f"{state_dict_exact}; torch's masks unchanged: {masks_kept}; predictions identical on {len(x_check)} test "
+      f"images: {same_predictions} (max |logit difference| {logit_diff:.1e}, float32 rounding of different conv "
+      f"kernels); torch's test accuracy {accuracy:.2%}")
   return {"sparsity": report.masked_sparsity, "converted_logit_diff": converted_diff, "losses": losses.tolist(),
+          "accuracy": accuracy,
           "pruned_stayed_zero": stayed_zero, "max_abs_pruned": float(drift.max()),
           "state_dict_exact": state_dict_exact, "masks_kept": masks_kept, "predictions_identical": same_predictions,
           "logit_diff": logit_diff, "checkpoints": (torch_path, back_path)}

@@ -223,7 +223,7 @@ class Output:
 
   def emit(self, data: dict, *renderables: Any) -> None:
     if self.json:
-      print(json.dumps(data, indent=2))
+      print(json.dumps(data))
     else:
       for r in renderables:
         self.console.print(r)

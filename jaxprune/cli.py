@@ -110,14 +110,15 @@ def _read_orbax(path: str) -> Loaded:
   return Loaded(_jax_to_state_dict(restored["state"], meta.get(SPEC_KEY)), "flax")
 
 
-def read_checkpoint(path: str) -> Loaded:
-  """Reads any checkpoint form the CLI knows (see the module docstring)."""
+def read_checkpoint(path: str, key: Optional[str] = None) -> Loaded:
+  """Reads any checkpoint form the CLI knows (see the module docstring); ``key`` picks the state_dict out of a
+  torch file that wraps it (``{"state_dict": ..., "epoch": 3}``, as Lightning saves)."""
   import interop  # pylint: disable=import-outside-toplevel
   if not os.path.exists(path):
     raise UserError(f"{path}: no such file or directory")
   if os.path.isdir(path):
     return _read_orbax(path)
-  state_dict = interop.load_state_dict(path)
+  state_dict = interop.load_state_dict(path, key=key)
   meta = _metadata(path)
   if meta.get(FORMAT_KEY) == "flax":
     return Loaded(_jax_to_state_dict(traverse_util.unflatten_dict(state_dict, sep="/"), meta.get(SPEC_KEY)), "flax")
@@ -251,7 +252,7 @@ def _report(state_dict: dict, layout: str) -> dict:
           "pruned_sparsity": sum(r["zeros"] for r in pruned) / pruned_size if pruned_size else None}
 
 
-def _table(report: dict, title: str):
+def _table(report: dict, title: str) -> Table:
   table = Table(title=title, title_justify="left")
   for name, justify in (("tensor", "left"), ("shape", "right"), ("dtype", "left"), ("pruned", "center"),
                         ("zeros", "right"), ("sparsity", "right")):
@@ -267,7 +268,7 @@ def _summary(report: dict) -> str:
           f"({len(report['tensors'])} tensors")
   line += f", {report['buffers']} buffers not counted)" if report["buffers"] else ")"
   if report["pruned_tensors"]:
-    line += (f"; {report['pruned_tensors']} pruned tensors (_orig/_mask), their sparsity "
+    line += (f"; {report['pruned_tensors']} pruned tensors (with a mask), their sparsity "
              f"{report['pruned_sparsity']:.2%}")
   return line
 
@@ -278,7 +279,7 @@ def _summary(report: dict) -> str:
 
 def cmd_inspect(args, out: Output) -> None:
   with out.status(f"reading {args.path}"):
-    loaded = read_checkpoint(args.path)
+    loaded = read_checkpoint(args.path, args.key)
     report = _report(loaded.state_dict, loaded.layout)
   out.emit({"path": args.path, **report}, _table(report, f"{args.path} ({loaded.layout} layout)"), _summary(report))
 
@@ -360,7 +361,7 @@ def cmd_prune(args, out: Output) -> None:
   check_target(args.output, args.force)
   with out.status(f"reading {args.input}"):
     # Pruning happens in torch's layout, so --axis and --include mean what they mean to torch.
-    converted = interop.from_torch(read_checkpoint(args.input).state_dict, layout="torch")
+    converted = interop.from_torch(read_checkpoint(args.input, args.key).state_dict, layout="torch")
   pick = _selector(args.include, args.exclude)
   flat, _ = jax.tree_util.tree_flatten_with_path(converted.params)
   chosen = [path for path, leaf in ((jaxprune.path_str(p), x) for p, x in flat) if pick(path, leaf)]
@@ -400,7 +401,7 @@ def cmd_convert(args, out: Output) -> None:
   check_output_form(args.output, args.layout)
   check_target(args.output, args.force)
   with out.status(f"reading {args.input}"):
-    loaded = read_checkpoint(args.input)
+    loaded = read_checkpoint(args.input, args.key)
   with out.status(f"writing {args.output}"):
     if args.layout == "torch":
       write_torch(loaded.state_dict, args.output)
@@ -420,6 +421,8 @@ def cmd_convert(args, out: Output) -> None:
 def build_parser() -> argparse.ArgumentParser:
   common = argparse.ArgumentParser(add_help=False)
   common.add_argument("--json", action="store_true", help="print one JSON document instead of tables")
+  common.add_argument("--key", help="the entry holding the state_dict in a torch file that wraps it "
+                      "(e.g. state_dict)")
   parser = _Parser(prog="jaxprune", description="Prune, inspect and convert torch and JAX checkpoints with "
                    "jaxprune's engine (torch.nn.utils.prune semantics).")
   sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
@@ -481,6 +484,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args.run(args, out)
   except KeyboardInterrupt:
     return 130
+  except BrokenPipeError:  # output piped into `head` and the like: stop quietly, as Unix tools do
+    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error when Python flushes stdout
+    return 1
   except (UserError, OSError, ValueError, IndexError, UnsupportedDtypeError) as err:
     # ValueError covers interop's errors (corrupt, truncated or unsafe files, broken _orig/_mask pairs) and
     # jaxprune's (counts larger than a tensor, shapes N:M cannot group); IndexError an --axis the tensor lacks (as

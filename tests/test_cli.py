@@ -116,6 +116,16 @@ def test_inspect_human_output_is_a_table_and_a_summary(capsys, ckpts):
   assert any("global sparsity" in line for line in lines)
 
 
+def test_inspect_a_wrapped_checkpoint_with_key(capsys, ckpts, tmp_path):
+  """Training checkpoints often wrap the state_dict ({"state_dict": ..., "epoch": 3}): --key picks it."""
+  path = tmp_path / "wrapped.pt"
+  torch.save({"state_dict": torch.load(ckpts / "pruned.pt", weights_only=True), "epoch": 3}, path)
+  status, _, err = run(capsys, "inspect", path)
+  assert status == 2 and "key='state_dict'" in err
+  assert run_json(capsys, "inspect", path, "--key", "state_dict") == {
+      **run_json(capsys, "inspect", ckpts / "pruned.pt"), "path": str(path)}
+
+
 # ------------------------------------------------------------------------------------------------------------------
 # prune: jaxprune's engine must give what torch.nn.utils.prune gives
 

@@ -15,7 +15,8 @@ Examples:
 """
 from __future__ import annotations
 
-from typing import Any
+import re
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -103,4 +104,37 @@ def init_masks(params: PyTree, where: Where = None) -> PyTree:
       lambda path, x: jnp.ones_like(x, dtype=bool) if pick(path_str(path), x) else UNMASKED, params)
 
 
-__all__ = ["abstract", "init_masks", "shard_like"]
+class Collective(NamedTuple):
+  """One operand of a cross-device collective in a compiled program."""
+  op: str  # "all-reduce", "all-gather", "all-to-all", "collective-permute" or "reduce-scatter"
+  dtype: str  # the HLO element type: "f32", "s32", "pred", ...
+  shape: tuple[int, ...]
+
+  @property
+  def nbytes(self) -> int:
+    bits = 8 if self.dtype == "pred" else int(re.sub(r"\D", "", self.dtype) or 8)
+    return int(np.prod(self.shape, dtype=np.int64)) * bits // 8
+
+
+_COLLECTIVE = re.compile(r"=\s*(?P<type>.*?)\s(?P<op>all-reduce|all-gather|all-to-all|collective-permute|"
+                         r"reduce-scatter)(?:-start)?\(")
+
+
+def collectives(jitted, *args, **kwargs) -> list[Collective]:
+  """What devices exchange when running ``jitted(*args, **kwargs)``: every collective XLA's SPMD partitioner put
+  in the compiled program, operand by operand.
+
+  Use it to check that pruning a sharded model moves only counts (integer histograms, per-channel partial norms)
+  and never gathers the params. The program is compiled once and cached, so calling ``jitted`` afterwards costs
+  nothing more.
+  """
+  found = []
+  for line in jitted.lower(*args, **kwargs).compile().as_text().splitlines():
+    match = _COLLECTIVE.search(line)
+    if match:
+      for dtype, dims in re.findall(r"(\w+)\[([\d,]*)\]", match["type"]):
+        found.append(Collective(match["op"], dtype, tuple(int(d) for d in dims.split(",") if d)))
+  return found
+
+
+__all__ = ["Collective", "abstract", "collectives", "init_masks", "shard_like"]

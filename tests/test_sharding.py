@@ -11,7 +11,6 @@ The one-device reference is the same jaxprune call, jitted, on params on the def
 are cached per (computation, mesh): the collective checks inspect the very program whose masks were compared.
 """
 import functools
-import re
 
 import chex
 import jax
@@ -24,7 +23,7 @@ from jax.sharding import PartitionSpec as P
 
 import jaxprune
 from jaxprune import schedules
-from jaxprune.sharding import abstract, init_masks, shard_like
+from jaxprune.sharding import Collective, abstract, collectives, init_masks, shard_like
 
 MESHES = {"1d": ((8,), ("model",)), "2d": ((2, 4), ("data", "model"))}
 
@@ -104,28 +103,25 @@ def assert_sharded_like(tree, like):
   jax.tree.map(check, tree, like)
 
 
-_COLLECTIVE = re.compile(r"=\s*(?P<type>.*?)\s(?P<op>all-gather|all-to-all|collective-permute|reduce-scatter|"
-                         r"all-reduce)(?:-start)?\(")
-
-
-def collectives(jitted, *args):
-  """(op, dtype, elements) for every operand of every cross-device collective in the compiled program."""
-  found = []
-  for line in jitted.lower(*args).compile().as_text().splitlines():
-    match = _COLLECTIVE.search(line)
-    if match:
-      for dtype, dims in re.findall(r"(\w+)\[([\d,]*)\]", match["type"]):
-        found.append((match["op"], dtype, int(np.prod([int(d) for d in dims.split(",") if d]))))
-  return found
-
-
 def assert_only_counts_cross_devices(jitted, *args):
   """Only all-reduces of integer counts (histograms, tie counts) or of float vectors smaller than any pruned
   leaf (partial per-channel norms) cross devices: no all-gather, all-to-all or permute moves the params."""
   smallest = min(x.size for x in jax.tree.leaves(params()) if x.ndim >= 2)
-  for op, dtype, elements in collectives(jitted, *args):
-    assert op == "all-reduce", f"{op} of {dtype}[{elements}] moves params across devices"
-    assert dtype[0] in "su" or elements < smallest, f"all-reduce of {dtype}[{elements}] is as big as a param"
+  for c in collectives(jitted, *args):
+    assert c.op == "all-reduce", f"{c} moves params across devices"
+    assert c.dtype[0] in "su" or np.prod(c.shape) < smallest, f"{c} is as big as a param"
+
+
+def test_collectives_sees_a_gather_and_a_reduction():
+  """The HLO reader behind the 'only counts cross devices' checks finds what a known program exchanges."""
+  mesh = make_mesh("2d")
+  x = jax.device_put(jnp.ones((8, 12), jnp.float32), NamedSharding(mesh, P("data", "model")))
+  gather = jax.jit(lambda x: x, out_shardings=NamedSharding(mesh, P()))
+  assert {c.op for c in collectives(gather, x)} == {"all-gather"}
+  reduce = jax.jit(lambda x: jnp.sum(x > 0, dtype=jnp.int32))
+  assert collectives(reduce, x) and all(c == Collective("all-reduce", "s32", ()) for c in collectives(reduce, x))
+  assert Collective("all-reduce", "s32", (65537,)).nbytes == 4 * 65537
+  assert Collective("all-gather", "pred", (8, 12)).nbytes == 96
 
 
 @pytest.mark.parametrize("name", sorted(PRUNERS))

@@ -86,7 +86,8 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
   p = common.ExampleParser(__doc__.splitlines()[0], "CI smoke run: fewer epochs, 3 bigger rounds")
   p.add_argument("--out", default="out", help="folder for the plot and the torch checkpoint")
   p.add_mode_argument("--rounds", type=int, full=6, short=3, help="prune/fine-tune rounds")
-  p.add_mode_argument("--amount", type=float, full=0.4, short=0.64, help="fraction of the live weights pruned per round")
+  p.add_mode_argument("--amount", type=float, full=0.4, short=0.64,
+                      help="fraction of the live weights pruned per round")
   p.add_mode_argument("--epochs", type=int, full=20, short=3, help="dense training epochs")
   p.add_mode_argument("--finetune-epochs", type=int, full=5, short=1, help="fine-tuning epochs per round")
   p.add_argument("--no-torch", action="store_true", help="skip the torch export and check")
@@ -138,7 +139,8 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     check = torch_check(state.params, masks, data.x_test, jax_logits, os.path.join(args.out, "lenet_digits.pt"))
     result["torch"] = check
     common.console.print(
-        f"torch: {check['checkpoint']} ({len(check['keys'])} keys, e.g. {check['keys'][1]}) loaded into a fresh "
+        f"torch: {check['checkpoint']} ({len(check['keys'])} keys, e.g. "
+        f"{next(k for k in check['keys'] if k.endswith('_orig'))}) loaded into a fresh "
         f"torch LeNet with interop.load_pruned: predictions identical on all {len(data.y_test)} test digits: "
         f"{check['predictions_identical']} (max |logit difference| {check['max_logit_diff']:.1e}). "
         f"Try: jaxprune inspect {check['checkpoint']}")

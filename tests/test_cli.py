@@ -365,7 +365,8 @@ sys.modules["torch"] = None  # import torch now raises ImportError
 from jaxprune import cli
 d, o = {str(ckpts)!r}, {str(tmp_path)!r}
 assert cli.main(["inspect", d + "/pruned.safetensors"]) == 0
-assert cli.main(["prune", d + "/pruned.safetensors", "-o", o + "/p.safetensors", "--method", "l1", "--amount", "0.5"]) == 0
+assert cli.main(["prune", d + "/pruned.safetensors", "-o", o + "/p.safetensors", "--method", "l1",
+                 "--amount", "0.5"]) == 0
 assert cli.main(["convert", o + "/p.safetensors", o + "/f.safetensors", "--layout", "flax"]) == 0
 assert cli.main(["convert", o + "/f.safetensors", o + "/t.safetensors", "--layout", "torch"]) == 0
 assert cli.main(["inspect", d + "/plain.pt"]) == 2

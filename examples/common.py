@@ -177,7 +177,7 @@ class ExampleParser(argparse.ArgumentParser):
     action = self.add_argument(flag, default=None, help=f"{help} (default {full}; with --short {short})", **kwargs)
     self._mode_defaults[action.dest] = (full, short)
 
-  def parse_args(self, args: Optional[Sequence[str]] = None, namespace=None):  # pylint: disable=arguments-differ
+  def parse_args(self, args: Optional[Sequence[str]] = None, namespace=None):
     parsed = super().parse_args(args, namespace)
     for dest, (full, short) in self._mode_defaults.items():
       if getattr(parsed, dest) is None:

@@ -473,7 +473,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _one_line(err: BaseException) -> str:
-  return " ".join(str(err).split()) or type(err).__name__
+  text = " ".join(str(err).split()) or type(err).__name__
+  interop = sys.modules.get("interop")  # imported already if it raised
+  if interop is not None and isinstance(err, interop.DTypeError):
+    text += "; on the command line: set JAX_ENABLE_X64=1"
+  return text
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

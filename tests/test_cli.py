@@ -268,6 +268,7 @@ def bad_files(ckpts):
   (ckpts / "empty.pt").write_bytes(b"")
   _unsafe_pickle(ckpts / "unsafe.pt")
   (ckpts / "folder").mkdir()
+  torch.save(_net().double().state_dict(), ckpts / "float64.pt")
   return ckpts
 
 
@@ -303,6 +304,7 @@ BAD = {
     "flax as pickle": (["convert", "{d}/plain.pt", "{o}/x.pt", "--layout", "flax"], "not as a torch pickle"),
     "no layout": (["convert", "{d}/plain.pt", "{o}/x.pt"], "--layout"),
     "unknown command": (["frobnicate"], "invalid choice"),
+    "float64 without x64": (["inspect", "{d}/float64.pt"], "JAX_ENABLE_X64=1"),
 }
 
 

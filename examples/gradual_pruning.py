@@ -26,6 +26,7 @@ import optax
 from rich.table import Table
 
 import jaxprune
+from jaxprune import schedules
 from interop import flax_models
 
 
@@ -49,7 +50,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
   # Dense for the first 15% of the steps, pruning until 65%, then recovery at the final sparsity.
   begin, end = int(0.15 * steps), int(0.65 * steps)
   frequency = max((end - begin) // 16, 1)
-  schedule = jaxprune.schedules.polynomial(args.sparsity, begin=begin, end=end, frequency=frequency)
+  schedule = schedules.polynomial(args.sparsity, begin=begin, end=end, frequency=frequency)
 
   model = flax_models.LeNet()
   params = common.initializer(model, data.x_train)(jax.random.key(args.seed))["params"]

@@ -23,6 +23,7 @@ import optax
 from rich.table import Table
 
 import jaxprune
+from jaxprune import schedules
 from interop import flax_models
 
 
@@ -41,7 +42,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
   init = common.initializer(model, data.x_train)
   params = init(init_key)["params"]
   every = epochs * (n // common.BATCH_SIZE)  # steps per round
-  schedule = jaxprune.schedules.iterative(args.amount, every, begin=every, rounds=rounds)
+  schedule = schedules.iterative(args.amount, every, begin=every, rounds=rounds)
   ticket_opt = jaxprune.scheduled_pruning(optax.adam(1e-3), schedule, "global_unstructured", rewind_step=0)
   # The control: fixed masks, given at every step (traced, so one compilation serves all rounds).
   control_opt = jaxprune.masked_optimizer(optax.adam(1e-3), jaxprune.init_masks(params))

@@ -15,6 +15,7 @@ from typing import Optional, Sequence, Union
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax import lax
 
 from jaxprune import selection
 from jaxprune.amounts import Amount, num_to_prune, validate_amount
@@ -259,14 +260,14 @@ def nm_structured(x: jax.Array, n: int, m: int, axis: int = -1, *, mask: Optiona
   keys = _abs_keys(check_scores(importance_scores, x))
   if mask is not None:
     keys = jnp.where(mask, keys, jnp.zeros((), keys.dtype))  # pruned entries rank below every live one
-  groups = jnp.moveaxis(keys, axis, -1).reshape(-1, m)
-  idx = jnp.arange(m)
+  # Split only `axis` into (groups, m): the other axes, and their sharding, are untouched.
+  groups = keys.reshape(x.shape[:axis] + (x.shape[axis] // m, m) + x.shape[axis + 1:])
+  this, other = jnp.expand_dims(groups, axis + 2), jnp.expand_dims(groups, axis + 1)
+  pair = (1,) * (axis + 1) + (m, m) + (1,) * (x.ndim - axis - 1)
+  later = (lax.broadcasted_iota(jnp.int32, (m, m), 1) > lax.broadcasted_iota(jnp.int32, (m, m), 0)).reshape(pair)
   # Rank of each entry inside its group, largest first; on equal keys the higher index ranks first.
-  other, this = groups[:, None, :], groups[:, :, None]
-  beats = (other > this) | ((other == this) & (idx[None, :] > idx[:, None]))
-  keep = jnp.sum(beats, axis=-1) < n
-  moved_shape = jnp.moveaxis(keys, axis, -1).shape
-  keep = jnp.moveaxis(keep.reshape(moved_shape), -1, axis)
+  rank = jnp.sum((other > this) | ((other == this) & later), axis=axis + 2)
+  keep = (rank < n).reshape(x.shape)
   return keep if mask is None else keep & mask
 
 

@@ -94,7 +94,9 @@ def _smallest(keys: tuple[jax.Array, ...], k: jax.Array, candidates: tuple[Optio
   # Jitted so that an eager call compiles once per shape, and a new amount (a traced k) never recompiles.
   udtype = keys[0].dtype
   sentinel = np.array(np.iinfo(udtype).max, udtype)  # never selected: above every real key
-  flat = [key.ravel() if c is None else jnp.where(c, key, sentinel).ravel() for key, c in zip(keys, candidates)]
+  # Every step is elementwise in each key array's own shape, or a reduction of it: nothing is raveled, so a
+  # sharded array keeps its sharding and only histograms and counts cross devices.
+  live = [key if c is None else jnp.where(c, key, sentinel) for key, c in zip(keys, candidates)]
 
   below = jnp.int32(0)  # how many candidates lie below the prefix found so far
   prefix = jnp.zeros((), udtype)
@@ -103,12 +105,13 @@ def _smallest(keys: tuple[jax.Array, ...], k: jax.Array, candidates: tuple[Optio
     shift_u = np.array(shift, udtype)
     digit_mask = np.array(_BUCKETS - 1, udtype)
     if shift == nbits - _DIGIT_BITS:
-      digits = [(key >> shift_u).astype(jnp.int32) for key in flat]
+      digits = [(key >> shift_u).astype(jnp.int32) for key in live]
     else:
       high = np.array(shift + _DIGIT_BITS, udtype)
       digits = [jnp.where((key >> high) == (prefix >> high), ((key >> shift_u) & digit_mask).astype(jnp.int32),
-                          _BUCKETS) for key in flat]
-    hist = sum(jnp.bincount(d, length=_BUCKETS + 1)[:_BUCKETS] for d in digits).astype(jnp.int32)
+                          _BUCKETS) for key in live]
+    hist = sum(jnp.zeros(_BUCKETS + 1, jnp.int32).at[d].add(1, out_sharding=_histogram_sharding())[:_BUCKETS]
+               for d in digits)
     cum = jnp.cumsum(hist)
     bucket = jnp.sum(below + cum < k).astype(jnp.int32)  # the bucket holding the k-th smallest
     below = below + jnp.where(bucket > 0, cum[jnp.maximum(bucket - 1, 0)], 0)
@@ -117,12 +120,13 @@ def _smallest(keys: tuple[jax.Array, ...], k: jax.Array, candidates: tuple[Optio
   threshold = prefix
   take = k - below  # how many entries equal to the threshold are selected
 
-  offsets = np.cumsum([0] + [key.size for key in flat])
+  offsets = np.cumsum([0] + [key.size for key in live])
   total = int(offsets[-1])
+  positions = [_row_major_index(key.shape) for key in live]
 
   def first_ties_before(position):
-    return sum(jnp.sum((key == threshold) & (lax.iota(jnp.int32, key.size) < position - int(off)), dtype=jnp.int32)
-               for key, off in zip(flat, offsets))
+    return sum(jnp.sum((key == threshold) & (pos < position - int(off)), dtype=jnp.int32)
+               for key, pos, off in zip(live, positions, offsets))
 
   def bisect_position(_):
     # The smallest position P with `take` tied entries before it: they are the lowest-positioned ties.
@@ -136,5 +140,17 @@ def _smallest(keys: tuple[jax.Array, ...], k: jax.Array, candidates: tuple[Optio
 
   cutoff = lax.cond((take != ties) & (take > 0), bisect_position,
                     lambda _: jnp.where(take > 0, jnp.int32(total), jnp.int32(0)), None)
-  return [((key < threshold) | ((key == threshold) & (lax.iota(jnp.int32, key.size) < cutoff - int(off))))
-          .reshape(orig.shape) for key, off, orig in zip(flat, offsets, keys)]
+  return [(key < threshold) | ((key == threshold) & (pos < cutoff - int(off)))
+          for key, pos, off in zip(live, positions, offsets)]
+
+
+def _histogram_sharding() -> Optional[jax.sharding.PartitionSpec]:
+  """Replicated under a mesh context: with explicit mesh axes a scatter from sharded digits must say so."""
+  return None if jax.sharding.get_abstract_mesh().empty else jax.sharding.PartitionSpec()
+
+
+def _row_major_index(shape: tuple[int, ...]) -> jax.Array:
+  """Each entry's flat row-major index, built from iotas so that it shards like an array of ``shape``."""
+  strides = np.cumprod((1,) + shape[:0:-1])[::-1]
+  return sum((lax.broadcasted_iota(jnp.int32, shape, d) * int(stride) for d, stride in enumerate(strides)),
+             jnp.zeros(shape, jnp.int32))

@@ -1,9 +1,9 @@
 """Benchmark: a pruned torch state_dict (~1 GB by default) to JAX and back.
 
-For each way of converting, in fresh processes: throughput in GB/s of state_dict bytes (best of a few runs after
-a warm-up), and peak extra resident memory over the level before the call (the kernel's high-water mark, reset
-right before; measured in a separate cold process whose allocator cannot hide freed memory), in GB and in copies of
-the data. Beside ``interop``, the naive
+For each way of converting, a cold conversion (the output lands in memory the process has not used yet, as when a
+checkpoint is converted once) in each of a few fresh processes: throughput in GB/s of state_dict bytes (best run),
+and peak extra resident memory over the level before the call (the kernel's high-water mark, reset right before;
+largest run), in GB and in copies of the data. Beside ``interop``, the naive
 ``jnp.asarray(t.numpy())`` per tensor (and ``torch.from_numpy(np.array(a))`` back), in the same run; the naive way
 does not pair ``_orig``/``_mask``, keeps float masks, and turns int64 buffers into int32, so it is not lossless
 (the ``exact`` column).
@@ -21,6 +21,7 @@ import gc
 import multiprocessing
 import os
 import platform
+import resource
 import threading
 import time
 import warnings
@@ -119,61 +120,44 @@ def _ways() -> dict[str, tuple[Callable, Callable]]:
   }
 
 
-def _measure(method: str, size_bytes: int, repeats: int) -> dict[str, Any]:
-  """Times ``method`` both ways (best of ``repeats`` after one warm-up) and checks the round trip bit for bit."""
+def _measure(method: str, size_bytes: int) -> dict[str, Any]:
+  """One cold conversion each way in this (fresh) process: time and peak extra memory, then a bit-for-bit check.
+
+  Cold, as a checkpoint is converted in practice: the output lands in memory the process has not used before.
+  """
   import jax  # pylint: disable=import-outside-toplevel
+  import numpy as np  # pylint: disable=import-outside-toplevel
 
   import interop  # pylint: disable=import-outside-toplevel
   warnings.simplefilter("ignore")  # the naive way warns about int64 -> int32
   to_jax, to_torch = _ways()[method]
+  # A VM may back guest memory only when first touched, at a cost (~0.1 GB/s here) that would swamp what is
+  # measured: touch more than the run needs once (this memory goes back to the OS, to be handed out again).
+  np.empty(3 * size_bytes, np.uint8)[::4096] = 1
   sd = make_state_dict(size_bytes)
-  times = {"to_jax_s": [], "to_torch_s": []}
-  for _ in range(repeats + 1):  # the first pass warms up imports, jit caches and the allocator
-    start = time.perf_counter()
-    converted = jax.block_until_ready(to_jax(sd))
-    times["to_jax_s"].append(time.perf_counter() - start)
-    start = time.perf_counter()
-    back = to_torch(converted)
-    times["to_torch_s"].append(time.perf_counter() - start)
-    exact = interop.diff_state_dicts(back, sd) == []
-    del converted, back
-  return {"bytes": sum(t.numel() * t.element_size() for t in sd.values()), "exact": exact,
-          **{name: min(values[1:]) for name, values in times.items()}}
+  jax.block_until_ready(to_torch(to_jax(make_state_dict(1, seed=1))))  # imports and jit caches, off the clock
+  figures = {"bytes": sum(t.numel() * t.element_size() for t in sd.values())}
+  converted = sd
+  for direction, convert in (("to_jax", lambda x: jax.block_until_ready(to_jax(x))), ("to_torch", to_torch)):
+    with PeakMemory() as memory:
+      start, cpu = time.perf_counter(), _cpu_seconds()
+      converted = convert(converted)
+      figures[f"{direction}_s"] = time.perf_counter() - start
+      figures[f"{direction}_cpu_s"] = _cpu_seconds() - cpu
+    figures[f"{direction}_extra"] = memory.extra
+  return {**figures, "exact": interop.diff_state_dicts(converted, sd) == []}
 
 
-def _peak_memory(method: str, size_bytes: int) -> dict[str, Any]:
-  """Peak extra memory of one cold conversion each way."""
-  import jax  # pylint: disable=import-outside-toplevel
-  warnings.simplefilter("ignore")
-  to_jax, to_torch = _ways()[method]
-  sd = make_state_dict(size_bytes)
-  jax.block_until_ready(to_jax(make_state_dict(1, seed=1)))  # imports and jit caches, outside the window
-  with PeakMemory() as forward:
-    converted = jax.block_until_ready(to_jax(sd))
-  with PeakMemory() as back:
-    to_torch(converted)
-  return {"to_jax_extra": forward.extra, "to_torch_extra": back.extra}
+def _cpu_seconds() -> float:
+  """CPU time of this process, all threads, user and system: what the work costs however loaded the machine is."""
+  usage = resource.getrusage(resource.RUSAGE_SELF)
+  return usage.ru_utime + usage.ru_stime
 
 
-def _in_fresh_process(fn: Callable, *args, env: Optional[dict[str, str]] = None) -> dict[str, Any]:
-  """Runs ``fn(*args)`` in a new process, with ``env`` added to its environment."""
+def _in_fresh_process(method: str, size_bytes: int) -> dict[str, Any]:
   context = multiprocessing.get_context("spawn")
-  saved = {name: os.environ.get(name) for name in env or {}}
-  os.environ.update(env or {})  # read by the child (and glibc) when it starts
-  try:
-    with concurrent.futures.ProcessPoolExecutor(max_workers=1, mp_context=context) as pool:
-      return pool.submit(fn, *args).result()
-  finally:
-    for name, value in saved.items():
-      if value is None:
-        del os.environ[name]
-      else:
-        os.environ[name] = value
-
-
-# With a fixed mmap threshold glibc hands every large block back to the OS when it is freed, so memory freed
-# before a measurement cannot be reused unseen and hide part of a peak.
-_COLD_ALLOCATOR = {"MALLOC_MMAP_THRESHOLD_": str(1 << 16)}
+  with concurrent.futures.ProcessPoolExecutor(max_workers=1, mp_context=context) as pool:
+    return pool.submit(_measure, method, size_bytes).result()
 
 
 def _machine() -> str:
@@ -187,29 +171,32 @@ def _machine() -> str:
 
 
 def run(size_bytes: int = 10 ** 9, repeats: int = 3) -> dict[str, Any]:
-  """Measures every way in fresh processes: throughput (best of ``repeats`` warm runs) and peak extra memory (a
-  cold run with an allocator that cannot hide freed memory).
+  """Measures every way ``repeats`` times, each in a fresh process; keeps the best time and the largest peak.
 
   Returns:
-    ``{"size_bytes", "machine", "versions", "results": {method: {"to_jax_gbps", "to_torch_gbps",
-    "to_jax_peak_extra_bytes", "to_torch_peak_extra_bytes", "to_jax_peak_extra_copies",
-    "to_torch_peak_extra_copies", "exact"}}}``; a peak is None where the platform cannot measure it.
+    ``{"size_bytes", "machine", "versions", "load", "results": {method: {"to_jax_gbps", "to_torch_gbps",
+    "to_jax_gb_per_cpu_s", "to_torch_gb_per_cpu_s", "to_jax_peak_extra_bytes", "to_torch_peak_extra_bytes",
+    "to_jax_peak_extra_copies", "to_torch_peak_extra_copies", "exact"}}}``: wall-clock throughput (best run),
+    throughput per CPU-second of the process (all threads; robust to other load on the machine), the largest
+    peak (None where the platform cannot measure it), and whether the round trip was bit-exact.
   """
   import jax  # pylint: disable=import-outside-toplevel
   import torch  # pylint: disable=import-outside-toplevel
   results, nbytes = {}, 0
   for method in METHODS:
-    speed = _in_fresh_process(_measure, method, size_bytes, repeats)
-    memory = _in_fresh_process(_peak_memory, method, size_bytes, env=_COLD_ALLOCATOR)
-    nbytes = speed["bytes"]
-    figures = {"exact": speed["exact"]}
+    runs = [_in_fresh_process(method, size_bytes) for _ in range(repeats)]
+    nbytes = runs[0]["bytes"]
+    figures = {"exact": all(r["exact"] for r in runs)}
     for direction in ("to_jax", "to_torch"):
-      extra = memory[f"{direction}_extra"]
-      figures[f"{direction}_gbps"] = nbytes / GB / speed[f"{direction}_s"]
+      peaks = [r[f"{direction}_extra"] for r in runs]
+      extra = None if None in peaks else max(peaks)
+      figures[f"{direction}_gbps"] = nbytes / GB / min(r[f"{direction}_s"] for r in runs)
+      figures[f"{direction}_gb_per_cpu_s"] = nbytes / GB / min(r[f"{direction}_cpu_s"] for r in runs)
       figures[f"{direction}_peak_extra_bytes"] = extra
       figures[f"{direction}_peak_extra_copies"] = None if extra is None else extra / nbytes
     results[method] = figures
-  return {"size_bytes": nbytes, "machine": _machine(),
+  load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+  return {"size_bytes": nbytes, "machine": _machine(), "load": load,
           "versions": {"jax": jax.__version__, "torch": torch.__version__}, "results": results}
 
 
@@ -218,23 +205,24 @@ def format_table(report: dict[str, Any]) -> str:
   def memory(extra, copies):
     return "n/a" if extra is None else f"{extra / GB:.2f} GB ({copies:.2f}x)"
 
-  lines = [f"{report['size_bytes'] / GB:.2f} GB pruned state_dict; {report['machine']}; "
+  load = "" if report["load"] is None else f"; load average {report['load']:.1f} at the end"
+  lines = [f"{report['size_bytes'] / GB:.2f} GB pruned state_dict; {report['machine']}{load}; "
            f"jax {report['versions']['jax']}, torch {report['versions']['torch']}", "",
-           "| method | torch -> JAX | peak extra | JAX -> torch | peak extra | lossless |",
-           "|---|---|---|---|---|---|"]
+           "| method | torch -> JAX: GB/s (GB per CPU-s) | peak extra | JAX -> torch: GB/s (GB per CPU-s) "
+           "| peak extra | lossless |", "|---|---|---|---|---|---|"]
   for method, r in report["results"].items():
-    lines.append(f"| {method} | {r['to_jax_gbps']:.2f} GB/s | "
-                 f"{memory(r['to_jax_peak_extra_bytes'], r['to_jax_peak_extra_copies'])} | "
-                 f"{r['to_torch_gbps']:.2f} GB/s | "
-                 f"{memory(r['to_torch_peak_extra_bytes'], r['to_torch_peak_extra_copies'])} | "
-                 f"{'yes' if r['exact'] else 'no'} |")
+    cells = [method]
+    for direction in ("to_jax", "to_torch"):
+      cells += [f"{r[f'{direction}_gbps']:.2f} ({r[f'{direction}_gb_per_cpu_s']:.2f})",
+                memory(r[f"{direction}_peak_extra_bytes"], r[f"{direction}_peak_extra_copies"])]
+    lines.append("| " + " | ".join(cells + ["yes" if r["exact"] else "no"]) + " |")
   return "\n".join(lines)
 
 
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n", maxsplit=1)[0])
   parser.add_argument("--size-mb", type=float, default=1000.0, help="state_dict size in MB (default 1000)")
-  parser.add_argument("--repeats", type=int, default=3, help="timed runs per method, best kept (default 3)")
+  parser.add_argument("--repeats", type=int, default=3, help="fresh-process runs per method (default 3)")
   args = parser.parse_args()
   print(format_table(run(int(args.size_mb * 1e6), args.repeats)))
 

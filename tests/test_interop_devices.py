@@ -91,13 +91,17 @@ def test_threaded_copies_equal_numpy(monkeypatch, shape, perm, dtype):
   """Layout permutations through the threaded tiled transpose, with tiny tiles so every edge case is hit; other
   permutations, plain copies and casts through the row-parallel copy."""
   monkeypatch.setattr(devices, "_PARALLEL_MIN_BYTES", 0)
+  monkeypatch.setattr(devices, "_TILED_MIN_BYTES", 0)
   monkeypatch.setattr(devices, "_TILE_BYTES", 64)
+  monkeypatch.setattr(devices, "_FRESH_PAGES_MIN_BYTES", 1)  # huge-page buffers too
   a = np.random.default_rng(0).standard_normal(shape).astype(dtype)
   out = devices.copy_host(a, perm)
   assert out.flags.c_contiguous and out.ctypes.data % 64 == 0
   np.testing.assert_array_equal(out.view(np.uint8), np.ascontiguousarray(a.transpose(perm)).view(np.uint8))
   np.testing.assert_array_equal(devices.copy_host(a), a)
   np.testing.assert_array_equal(devices.copy_host(a > 0, perm, dtype=dtype), (a > 0).transpose(perm).astype(dtype))
+  adopted = jax.device_put(out)  # XLA takes the aligned buffer as it is
+  assert adopted.unsafe_buffer_pointer() == out.ctypes.data
 
 
 def test_mask_of_any_dtype_becomes_bool_exactly(monkeypatch):

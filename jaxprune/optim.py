@@ -16,7 +16,6 @@ alone, so weight decay and stale momentum move pruned ``weight_orig`` entries wh
 """
 from __future__ import annotations
 
-import operator
 from typing import Any, Callable, Literal, NamedTuple, Optional, Union
 
 import jax
@@ -112,16 +111,19 @@ def map_param_state(fn: Callable[[jax.Array, jax.Array], jax.Array], state: PyTr
   return jax.tree.map(visit, state, is_leaf=mirrors_params)
 
 
-def _zero_where_not(keep: PyTree, state: PyTree, params: PyTree) -> PyTree:
-  return map_param_state(lambda leaf, k: jnp.where(k, leaf, jnp.zeros_like(leaf)), state, params, keep)
+def _kept(mask: jax.Array) -> jax.Array:
+  # The same bool, recomputed: XLA:CPU vectorizes a select on a compare inside a fused loop, but not one on a
+  # bool array loaded from memory; this makes the masked Adam update ~1.5x faster on CPU, and is free elsewhere.
+  return mask.astype(jnp.uint8) != 0
 
 
-def _both(old: PyTree, new: PyTree) -> PyTree:
-  return jax.tree.map(operator.and_, old, new)  # UNMASKED & UNMASKED stays the NumPy scalar UNMASKED
+def _zero_where_not(masks: PyTree, state: PyTree, params: PyTree) -> PyTree:
+  return map_param_state(lambda leaf, m: jnp.where(_kept(m), leaf, jnp.zeros_like(leaf)), state, params, masks)
 
 
 def _zero_pruned(tree: PyTree, masks: PyTree) -> PyTree:
-  return jax.tree.map(lambda x, m: jnp.where(m, x, jnp.zeros((), x.dtype)) if is_masked(m, x) else x, tree, masks)
+  return jax.tree.map(lambda x, m: jnp.where(_kept(m), x, jnp.zeros((), x.dtype)) if is_masked(m, x) else x,
+                      tree, masks)
 
 
 def masked_optimizer(inner: optax.GradientTransformation, masks: MasksLike = None, *, where: Where = None,
@@ -130,7 +132,8 @@ def masked_optimizer(inner: optax.GradientTransformation, masks: MasksLike = Non
 
   The masks live in the state. Pass new ones at any step as an extra argument,
   ``opt.update(grads, state, params, masks=new_masks)`` (``optax.chain`` forwards it): they are used for this
-  update and stored for the next ones. Entries whose mask changed, either way, start from zero optimizer state.
+  update and stored for the next ones. Newly pruned entries lose their optimizer state at once, and re-grown ones
+  start from zero state.
 
   Examples:
     >>> masks = jaxprune.prune(params, "l1_unstructured", amount=0.8)
@@ -173,15 +176,15 @@ def masked_optimizer(inner: optax.GradientTransformation, masks: MasksLike = Non
       return updates, MaskedState(masks=new, inner_state=inner_state)
     if params is None:
       raise ValueError("masked_optimizer (lock semantics) needs `params` in update() to hold pruned params at 0")
-    # The inner optimizer sees the pruned model: zero gradients, params and state at pruned entries, and fresh
-    # zero state at re-grown ones (hence kept before *and* after). Its new state there is then zero as well (state
-    # built from zeros is zero), with no second pass over the state: each moment stays one fused loop per leaf.
-    keep = new if masks is None else _both(state.masks, new)
-    inner_state = _zero_where_not(keep, state.inner_state, params)
+    # The inner optimizer sees the pruned model: zero gradients, params and state at pruned entries. The state it
+    # returns there is then zero too (state built from zeros is zero), so an entry re-grown later starts from zero
+    # state without comparing old and new masks, and each moment stays one fused loop per leaf (a second mask in
+    # that loop costs ~25% on CPU).
+    inner_state = _zero_where_not(new, state.inner_state, params)
     updates, inner_state = inner.update(_zero_pruned(updates, new), inner_state, _zero_pruned(params, new),
                                         **extra_args)
     # -p rather than 0: a pruned param that is not zero yet (just pruned, or given so) lands on exactly 0.0.
-    updates = jax.tree.map(lambda u, m, p: jnp.where(m, u, -p.astype(u.dtype)) if is_masked(m, u) else u,
+    updates = jax.tree.map(lambda u, m, p: jnp.where(_kept(m), u, -p.astype(u.dtype)) if is_masked(m, u) else u,
                            updates, new, params)
     return updates, MaskedState(masks=new, inner_state=inner_state)
 

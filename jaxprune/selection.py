@@ -8,8 +8,9 @@ scores themselves.
 
 Ties at the k-th key are broken by position: among equal keys, the lowest position is pruned first, positions
 running through the arrays in the order given and row-major inside each. torch leaves this case to libstdc++'s
-introselect internals (spec §4); we pick one documented, deterministic rule instead. The tie pass costs a
-bisection over positions and only runs (under ``lax.cond``) when the tied entries straddle k.
+introselect internals (spec §4); we pick one documented, deterministic rule instead. Choosing the lowest tied
+positions is itself a k-smallest selection, over positions: two more histogram passes, run (under ``lax.cond``)
+only when the tied entries straddle k.
 """
 from __future__ import annotations
 
@@ -92,24 +93,46 @@ def smallest(keys: Sequence[jax.Array], k: Count,
 @jax.jit
 def _smallest(keys: tuple[jax.Array, ...], k: jax.Array, candidates: tuple[Optional[jax.Array], ...]):
   # Jitted so that an eager call compiles once per shape, and a new amount (a traced k) never recompiles.
-  udtype = keys[0].dtype
-  sentinel = np.array(np.iinfo(udtype).max, udtype)  # never selected: above every real key
   # Every step is elementwise in each key array's own shape, or a reduction of it: nothing is raveled, so a
   # sharded array keeps its sharding and only histograms and counts cross devices.
+  sentinel = _sentinel(keys[0].dtype)  # never selected: above every real key
   live = [key if c is None else jnp.where(c, key, sentinel) for key, c in zip(keys, candidates)]
+  threshold, below, ties = _kth_smallest(live, k)
+  take = k - below  # how many entries equal to the threshold are selected
 
-  below = jnp.int32(0)  # how many candidates lie below the prefix found so far
+  offsets = np.cumsum([0] + [key.size for key in live])
+  total = np.uint32(offsets[-1])
+  positions = [(_row_major_index(key.shape) + int(off)).astype(jnp.uint32) for key, off in zip(live, offsets)]
+
+  def past_lowest_tied_positions(_):
+    # The `take` lowest positions among the tied entries are themselves a k-smallest selection.
+    tied = [jnp.where(key == threshold, pos, _sentinel(np.uint32)) for key, pos in zip(live, positions)]
+    return _kth_smallest(tied, take)[0] + np.uint32(1)
+
+  cutoff = lax.cond((take != ties) & (take > 0), past_lowest_tied_positions,
+                    lambda _: jnp.where(take > 0, total, np.uint32(0)), None)
+  return [(key < threshold) | ((key == threshold) & (pos < cutoff)) for key, pos in zip(live, positions)]
+
+
+def _sentinel(udtype) -> np.ndarray:
+  return np.array(np.iinfo(udtype).max, udtype)
+
+
+def _kth_smallest(keys: Sequence[jax.Array], k: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """The k-th smallest key (1-based), how many keys lie below it and how many equal it, digit by digit."""
+  udtype = keys[0].dtype
+  below = jnp.int32(0)  # how many keys lie below the prefix found so far
   prefix = jnp.zeros((), udtype)
   nbits = 8 * np.dtype(udtype).itemsize
+  digit_mask = np.array(_BUCKETS - 1, udtype)
   for shift in range(nbits - _DIGIT_BITS, -1, -_DIGIT_BITS):
     shift_u = np.array(shift, udtype)
-    digit_mask = np.array(_BUCKETS - 1, udtype)
     if shift == nbits - _DIGIT_BITS:
-      digits = [(key >> shift_u).astype(jnp.int32) for key in live]
+      digits = [(key >> shift_u).astype(jnp.int32) for key in keys]
     else:
       high = np.array(shift + _DIGIT_BITS, udtype)
       digits = [jnp.where((key >> high) == (prefix >> high), ((key >> shift_u) & digit_mask).astype(jnp.int32),
-                          _BUCKETS) for key in live]
+                          _BUCKETS) for key in keys]
     hist = sum(jnp.zeros(_BUCKETS + 1, jnp.int32).at[d].add(1, out_sharding=_histogram_sharding())[:_BUCKETS]
                for d in digits)
     cum = jnp.cumsum(hist)
@@ -117,31 +140,7 @@ def _smallest(keys: tuple[jax.Array, ...], k: jax.Array, candidates: tuple[Optio
     below = below + jnp.where(bucket > 0, cum[jnp.maximum(bucket - 1, 0)], 0)
     prefix = prefix | (bucket.astype(udtype) << shift_u)
     ties = hist[bucket]
-  threshold = prefix
-  take = k - below  # how many entries equal to the threshold are selected
-
-  offsets = np.cumsum([0] + [key.size for key in live])
-  total = int(offsets[-1])
-  positions = [_row_major_index(key.shape) for key in live]
-
-  def first_ties_before(position):
-    return sum(jnp.sum((key == threshold) & (pos < position - int(off)), dtype=jnp.int32)
-               for key, pos, off in zip(live, positions, offsets))
-
-  def bisect_position(_):
-    # The smallest position P with `take` tied entries before it: they are the lowest-positioned ties.
-    def body(_, lo_hi):
-      lo, hi = lo_hi
-      mid = lo + (hi - lo) // 2
-      enough = first_ties_before(mid) >= take
-      return jnp.where(enough, lo, mid), jnp.where(enough, mid, hi)
-    _, hi = lax.fori_loop(0, max(total, 1).bit_length() + 1, body, (jnp.int32(0), jnp.int32(total)))
-    return hi
-
-  cutoff = lax.cond((take != ties) & (take > 0), bisect_position,
-                    lambda _: jnp.where(take > 0, jnp.int32(total), jnp.int32(0)), None)
-  return [(key < threshold) | ((key == threshold) & (pos < cutoff - int(off)))
-          for key, pos, off in zip(live, positions, offsets)]
+  return prefix, below, ties
 
 
 def _histogram_sharding() -> Optional[jax.sharding.PartitionSpec]:

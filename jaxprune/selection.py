@@ -150,6 +150,5 @@ def _histogram_sharding() -> Optional[jax.sharding.PartitionSpec]:
 
 def _row_major_index(shape: tuple[int, ...]) -> jax.Array:
   """Each entry's flat row-major index, built from iotas so that it shards like an array of ``shape``."""
-  strides = np.cumprod((1,) + shape[:0:-1])[::-1]
-  return sum((lax.broadcasted_iota(jnp.int32, shape, d) * int(stride) for d, stride in enumerate(strides)),
+  return sum((lax.broadcasted_iota(jnp.int32, shape, d) * int(np.prod(shape[d + 1:])) for d in range(len(shape))),
              jnp.zeros(shape, jnp.int32))

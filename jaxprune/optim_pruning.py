@@ -180,9 +180,12 @@ def scheduled_pruning(inner: optax.GradientTransformation, schedule: ScheduleLik
         count=jnp.zeros([], jnp.int32), sparsity=jnp.zeros([], jnp.float32), key=random_key,
         rewind_params=None if rewind_step is None else params, inner_state=inner_state)
 
-  def update(updates, state, params=None, **extra_args):
+  def update(updates, state, params=None, *, masks=None, **extra_args):
     if params is None:
       raise ValueError("scheduled_pruning needs `params` in update() to rank and prune them")
+    if masks is not None:
+      raise TypeError("scheduled_pruning computes the masks itself and takes none in update(); start it from "
+                      "given masks with scheduled_pruning(..., masks=...), or use masked_optimizer to set them")
     target = jnp.asarray(schedule(state.count), jnp.float32)
     prune_now = target > state.sparsity
     current = state.inner_state.masks

@@ -237,8 +237,10 @@ def test_bad_configuration_is_reported_early(make, error, message):
     make()
 
 
-def test_update_without_params_is_an_error():
+def test_update_without_params_or_with_masks_is_an_error():
   opt = scheduled_pruning(optax.sgd(0.1), 0.5)
   params = init_params()
   with pytest.raises(ValueError, match="needs `params`"):
     opt.update(params, opt.init(params))
+  with pytest.raises(TypeError, match="computes the masks itself"):
+    opt.update(params, opt.init(params), params, masks=jaxprune.init_masks(params))

@@ -172,3 +172,42 @@ def test_import_without_torch():
   out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
                        env={"JAX_PLATFORMS": "cpu", "PATH": "/usr/bin:/bin"})
   assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]
+
+
+def test_masks_checkpoint_like_params():
+  """A mask pytree, UNMASKED leaves included, round-trips through flax's msgpack checkpoint format."""
+  from flax import serialization
+  masks = jaxprune.global_unstructured(PARAMS, 0.5)
+  restored = serialization.from_bytes(masks, serialization.to_bytes(masks))
+  for (path, a), b in zip(jax.tree_util.tree_flatten_with_path(masks)[0], jax.tree.leaves(restored)):
+    np.testing.assert_array_equal(a, b, err_msg=jaxprune.path_str(path))
+    assert np.ndim(a) == np.ndim(b) and np.asarray(b).dtype == np.bool_
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_block_structured_against_brute_force(seed):
+  """Blocks ranked by their L1 norm; exactly round(amount * live blocks) whole blocks pruned, lowest first."""
+  rng = np.random.default_rng(seed)
+  x = rng.normal(size=(8, 12)).astype(np.float32)
+  old = np.asarray(jaxprune.block_structured(x, 0.25, (2, 3)))
+  mask = np.asarray(jaxprune.block_structured(x, 0.5, (2, 3), mask=old))
+  blocks = lambda a: a.reshape(4, 2, 4, 3).transpose(0, 2, 1, 3).reshape(16, 6)
+  norms = np.abs(blocks(x * old)).sum(1)
+  live = blocks(old).any(1)
+  order = sorted(np.flatnonzero(live), key=lambda i: (norms[i], i))
+  expected_pruned = set(order[:round(0.5 * live.sum())])
+  kept = blocks(mask).any(1)
+  assert {i for i in np.flatnonzero(live) if not kept[i]} == expected_pruned
+  np.testing.assert_array_equal(blocks(mask), blocks(old) & kept[:, None])
+
+
+@pytest.mark.parametrize("axis", [0, 1, -1])
+def test_nm_structured_against_brute_force(axis):
+  """2:4 keeps the two largest |x| of each group of 4 along the axis."""
+  x = np.random.default_rng(axis + 5).normal(size=(8, 12)).astype(np.float32)
+  mask = np.asarray(jaxprune.nm_structured(x, 2, 4, axis=axis))
+  moved = np.moveaxis(np.abs(x), axis, -1)
+  groups = moved.reshape(*moved.shape[:-1], -1, 4)
+  expected = np.zeros(groups.shape, bool)
+  np.put_along_axis(expected, np.argsort(-groups, axis=-1)[..., :2], True, axis=-1)
+  np.testing.assert_array_equal(mask, np.moveaxis(expected.reshape(moved.shape), -1, axis))

@@ -32,9 +32,6 @@ SPECS = {"conv": {"kernel": P(None, None, "data", "model"), "bias": P("model")},
          "dense1": {"kernel": P("data", "model"), "bias": P("model")},
          "dense2": {"kernel": P("model", "data"), "bias": P()}}
 
-CORE_RESHAPES = ("core: selection.smallest ravels every key array to 1-d (and nm_structured reshapes to (-1, m)); "
-                 "a leaf sharded on a non-leading axis cannot be flattened in place, so XLA gathers the keys")
-
 KEY = jax.random.PRNGKey(0)
 PRUNERS = {  # name: params -> masks. Every kernel's trailing axis is sharded on `model`.
     "global": lambda p: jaxprune.global_unstructured(p, 0.7),
@@ -150,27 +147,19 @@ def test_global_amount_is_traced_on_shards(mesh_name, amount):
   assert_sharded_like(masks, placed(mesh_name))
 
 
-def _gathers(name):
-  return pytest.param(name, marks=pytest.mark.xfail(strict=True, reason=CORE_RESHAPES))
-
-
-@pytest.mark.parametrize("name", [_gathers("global"), _gathers("global_rounds"), _gathers("l1_unstructured"),
-                                  _gathers("nm_structured_2_4"), "random_unstructured", "random_structured",
-                                  "ln_structured_sharded_axis", "ln_structured_leading_axis"])
+@pytest.mark.parametrize("name", sorted(PRUNERS))
 def test_pruning_moves_only_counts_across_devices(mesh_name, name):
   """The compiled SPMD program exchanges histograms and partial per-channel norms, never the params."""
   assert_only_counts_cross_devices(sharded_pruner(name, mesh_name), placed(mesh_name))
 
 
-@pytest.mark.xfail(strict=True, reason=CORE_RESHAPES + "; the flattened keys then lose the params' sharding")
-def test_global_masks_come_out_sharded_like_params_without_a_constraint():
-  """Masks are elementwise in the params, so sharding propagation alone should place them like the params."""
-  sharded = placed("2d")
+def test_global_masks_come_out_sharded_like_params_without_a_constraint(mesh_name):
+  """The ranking is elementwise in each leaf's own shape (nothing is flattened), so sharding propagation alone
+  places every mask like its param."""
+  sharded = placed(mesh_name)
   assert_sharded_like(jax.jit(PRUNERS["global"])(sharded), sharded)
 
 
-@pytest.mark.xfail(strict=True, reason="core: jnp.bincount in selection.smallest needs out_sharding= under explicit "
-                                       "mesh axes, and the 1-d reshape of a 2-d-sharded key is rejected there")
 def test_global_pruning_on_explicit_mesh_axes():
   """With explicit axes the masks' type carries the params' sharding, no constraint needed."""
   mesh = make_mesh("2d", AxisType.Explicit)

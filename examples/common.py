@@ -155,9 +155,7 @@ def progress(total: int, description: str) -> Iterator[Callable[..., None]]:
 def torch_logits(torch_model, x_nhwc: np.ndarray) -> np.ndarray:
   """A torch model's logits for NHWC images (torch takes NCHW), in eval mode and without autograd."""
   import torch  # pylint: disable=import-outside-toplevel
-  # Explicit NCHW strides: a permuted view with one channel counts as contiguous but makes convolutions return
-  # channels-last outputs, which the tutorial LeNet's ``view`` cannot flatten.
-  x = torch.from_numpy(x_nhwc).permute(0, 3, 1, 2).clone(memory_format=torch.contiguous_format)
+  x = torch.from_numpy(x_nhwc).permute(0, 3, 1, 2)
   torch_model.eval()
   with torch.no_grad():
     return torch_model(x).numpy()

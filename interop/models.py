@@ -27,7 +27,7 @@ class LeNet(nn.Module):
   def forward(self, x: torch.Tensor) -> torch.Tensor:
     x = F.max_pool2d(F.relu(self.conv1(x)), (2, 2))
     x = F.max_pool2d(F.relu(self.conv2(x)), 2)
-    x = x.view(-1, int(x.nelement() / x.shape[0]))
+    x = torch.flatten(x, 1)  # the tutorial's view() fails on channels-last conv outputs
     x = F.relu(self.fc1(x))
     x = F.relu(self.fc2(x))
     return self.fc3(x)

@@ -1,9 +1,10 @@
 """Masks and optimizer state that shard like their params, for models spread over a device mesh.
 
-jaxprune's methods are elementwise maps and reductions, so under ``jax.jit`` XLA's SPMD partitioner runs them on
-each shard and only counts cross devices: a global ranking sums 16-bit histograms across shards and leaves,
-never gathering the params. What jit cannot infer is where *new* arrays live: an all-True mask or a mask returned
-from a jitted step has no data dependence that pins it to its param's sharding. These helpers pin it.
+jaxprune's methods are elementwise maps and reductions in each leaf's own shape, so under ``jax.jit`` XLA's SPMD
+partitioner runs them on each shard and only counts cross devices: a global ranking sums 16-bit histograms across
+shards and leaves, never gathering the params, and its masks come out sharded like the params. What jit cannot
+infer is where a mask lives that is not elementwise in its param (all-True, random, or broadcast from per-channel
+norms), nor where optimizer state built from scratch should go. These helpers pin them to the params' shardings.
 
 Examples:
   >>> mesh = jax.make_mesh((2, 4), ("data", "model"), axis_types=(jax.sharding.AxisType.Auto,) * 2)

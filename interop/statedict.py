@@ -20,7 +20,6 @@ import os
 import sys
 from typing import Any, Callable, Mapping, NamedTuple, Optional, Sequence, Union
 
-import jax
 import numpy as np
 from flax import traverse_util
 

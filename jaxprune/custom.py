@@ -17,7 +17,7 @@ is ANDed with the old mask: pruned entries never come back.
 from __future__ import annotations
 
 import functools
-from typing import Callable, Literal, Optional
+from typing import Callable, Literal
 
 import jax
 import jax.numpy as jnp

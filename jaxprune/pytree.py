@@ -95,10 +95,14 @@ def _old_mask(mask, param):
 
 
 def init_masks(params: PyTree, where: Where = None) -> PyTree:
-  """All-True bool masks on the selected leaves, :data:`UNMASKED` elsewhere."""
+  """All-True bool masks on the selected leaves, :data:`UNMASKED` elsewhere.
+
+  Each mask is created like its param (``ones_like``): a sharded param's mask is born with the same sharding,
+  shard by shard, never whole on one device.
+  """
   pick = selector(where)
   return jax.tree_util.tree_map_with_path(
-      lambda p, x: jnp.ones(np.shape(x), bool) if pick(path_str(p), x) else UNMASKED, params)
+      lambda p, x: jnp.ones_like(x, dtype=bool) if pick(path_str(p), x) else UNMASKED, params)
 
 
 def _resolve(method: Union[str, Callable]) -> Callable:
@@ -205,7 +209,8 @@ def apply_masks(params: PyTree, masks: PyTree) -> PyTree:
   A multiplication, as torch does, not a select: a pruned negative weight becomes -0.0, and a pruned inf or NaN
   becomes NaN (spec §1.3).
   """
-  return jax.tree.map(lambda p, m: p if m is UNMASKED else jnp.asarray(m).astype(jnp.result_type(p)) * p,
+  # After a jit boundary UNMASKED is a 0-d array, so test the shape rather than identity.
+  return jax.tree.map(lambda p, m: jnp.asarray(m).astype(jnp.result_type(p)) * p if is_masked(m, p) else p,
                       params, masks)
 
 

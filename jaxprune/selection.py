@@ -102,16 +102,17 @@ def _smallest(keys: tuple[jax.Array, ...], k: jax.Array, candidates: tuple[Optio
 
   offsets = np.cumsum([0] + [key.size for key in live])
   total = np.uint32(offsets[-1])
-  positions = [(_row_major_index(key.shape) + int(off)).astype(jnp.uint32) for key, off in zip(live, offsets)]
+  # Recomputed at each use: a shared list would be materialised (4 bytes per entry) instead of fused.
+  positions = lambda: [(_row_major_index(key.shape) + int(off)).astype(jnp.uint32) for key, off in zip(live, offsets)]
 
   def past_lowest_tied_positions(_):
     # The `take` lowest positions among the tied entries are themselves a k-smallest selection.
-    tied = [jnp.where(key == threshold, pos, _sentinel(np.uint32)) for key, pos in zip(live, positions)]
+    tied = [jnp.where(key == threshold, pos, _sentinel(np.uint32)) for key, pos in zip(live, positions())]
     return _kth_smallest(tied, take)[0] + np.uint32(1)
 
   cutoff = lax.cond((take != ties) & (take > 0), past_lowest_tied_positions,
                     lambda _: jnp.where(take > 0, total, np.uint32(0)), None)
-  return [(key < threshold) | ((key == threshold) & (pos < cutoff)) for key, pos in zip(live, positions)]
+  return [(key < threshold) | ((key == threshold) & (pos < cutoff)) for key, pos in zip(live, positions())]
 
 
 def _sentinel(udtype) -> np.ndarray:

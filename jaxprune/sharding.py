@@ -9,7 +9,7 @@ norms), nor where optimizer state built from scratch should go. These helpers pi
 Examples:
   >>> mesh = jax.make_mesh((2, 4), ("data", "model"), axis_types=(jax.sharding.AxisType.Auto,) * 2)
   >>> params = jax.device_put(params, shardings)              # a NamedSharding per leaf
-  >>> masks = jaxprune.sharding.init_masks(params)            # born sharded, leaf by leaf
+  >>> masks = jaxprune.init_masks(params)                     # born sharded, leaf by leaf
   >>> abstract = jaxprune.sharding.abstract(params)           # shapes and shardings, to close over in jit
   >>> prune = jax.jit(lambda p: jaxprune.sharding.shard_like(jaxprune.global_unstructured(p, 0.9), abstract))
   >>> masks = prune(params)                                   # identical to the one-device masks
@@ -23,7 +23,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxprune.pytree import UNMASKED, Where, path_str, selector
 
 PyTree = Any
 
@@ -92,19 +91,6 @@ def shard_like(tree: PyTree, like: PyTree) -> PyTree:
   return jax.tree.map(place, tree, is_leaf=mirrors)
 
 
-def init_masks(params: PyTree, where: Where = None) -> PyTree:
-  """:func:`jaxprune.init_masks` for sharded params: each all-True mask is created directly in its param's
-  sharding, shard by shard, never whole on one device.
-
-  Args:
-    params: the params, as committed (sharded) arrays.
-    where: which leaves get a mask (see :func:`jaxprune.selector`).
-  """
-  pick = selector(where)
-  return jax.tree_util.tree_map_with_path(
-      lambda path, x: jnp.ones_like(x, dtype=bool) if pick(path_str(path), x) else UNMASKED, params)
-
-
 class Collective(NamedTuple):
   """One operand of a cross-device collective in a compiled program."""
   op: str  # "all-reduce", "all-gather", "all-to-all", "collective-permute" or "reduce-scatter"
@@ -138,4 +124,4 @@ def collectives(jitted, *args, **kwargs) -> list[Collective]:
   return found
 
 
-__all__ = ["Collective", "abstract", "collectives", "init_masks", "shard_like"]
+__all__ = ["Collective", "abstract", "collectives", "shard_like"]

@@ -1,5 +1,4 @@
 """Global pruning parity with torch.nn.utils.prune.global_unstructured (spec §6)."""
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest

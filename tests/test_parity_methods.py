@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import jaxprune
-from torch_oracle import TORCH_DTYPES, apply, assert_same_up_to_ties, channel_norms, holder
+from torch_oracle import apply, assert_same_up_to_ties, channel_norms, holder
 
 DTYPES = ["float32", "float16", "bfloat16"]
 JAX_DTYPES = {"float32": jnp.float32, "float16": jnp.float16, "bfloat16": jnp.bfloat16}

@@ -23,7 +23,7 @@ from jax.sharding import PartitionSpec as P
 
 import jaxprune
 from jaxprune import schedules
-from jaxprune.sharding import Collective, abstract, collectives, init_masks, shard_like
+from jaxprune.sharding import Collective, abstract, collectives, shard_like
 
 MESHES = {"1d": ((8,), ("model",)), "2d": ((2, 4), ("data", "model"))}
 
@@ -192,7 +192,7 @@ def test_shard_like_asks_for_abstract_params_on_auto_axes_under_jit():
 def test_init_masks_are_born_sharded(mesh_name):
   """Each device allocates only its own block of each mask: no mask is ever whole on one device."""
   sharded = placed(mesh_name)
-  masks = init_masks(sharded)
+  masks = jaxprune.init_masks(sharded)
   chex.assert_trees_all_equal(masks, jaxprune.init_masks(params()))
   assert_sharded_like(masks, sharded)
   for mask, param in zip(jax.tree.leaves(masks), jax.tree.leaves(sharded)):

@@ -20,12 +20,12 @@ import concurrent.futures
 import gc
 import multiprocessing
 import os
-import platform
 import resource
 import threading
 import time
 import warnings
 from typing import Any, Callable, Optional
+from benchmarks.common import cpu_summary
 
 GB = 1e9
 METHODS = ("naive jnp.asarray(t.numpy())", "interop, torch layout", "interop, torch layout, copy=False",
@@ -160,16 +160,6 @@ def _in_fresh_process(method: str, size_bytes: int) -> dict[str, Any]:
     return pool.submit(_measure, method, size_bytes).result()
 
 
-def _machine() -> str:
-  model = platform.processor() or platform.machine()
-  try:
-    with open("/proc/cpuinfo", encoding="ascii", errors="replace") as f:
-      model = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), model)
-  except OSError:
-    pass
-  return f"{model}, {os.cpu_count()} cores"
-
-
 def run(size_bytes: int = 10 ** 9, repeats: int = 3) -> dict[str, Any]:
   """Measures every way ``repeats`` times, each in a fresh process; keeps the best time and the largest peak.
 
@@ -196,7 +186,7 @@ def run(size_bytes: int = 10 ** 9, repeats: int = 3) -> dict[str, Any]:
       figures[f"{direction}_peak_extra_copies"] = None if extra is None else extra / nbytes
     results[method] = figures
   load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
-  return {"size_bytes": nbytes, "machine": _machine(), "load": load,
+  return {"size_bytes": nbytes, "machine": cpu_summary(), "load": load,
           "versions": {"jax": jax.__version__, "torch": torch.__version__}, "results": results}
 
 

@@ -21,8 +21,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import os
-import platform
 import resource
 import statistics
 import time
@@ -36,6 +34,7 @@ import jaxprune
 from jaxprune import schedules
 from jaxprune.optim import masked_optimizer
 from jaxprune.optim_pruning import scheduled_pruning
+from benchmarks.common import cpu_summary
 
 IN, OUT, HIDDEN_LAYERS = 1024, 16, 3
 BASELINE = "optax.adamw"
@@ -139,7 +138,7 @@ def run(n_params: int = 10_000_000, batches: tuple[int, ...] = (64, 256), rounds
 
 
 def machine() -> str:
-  return (f"{platform.machine()} CPU, {os.cpu_count()} cores, {jax.devices()[0].platform} backend; "
+  return (f"{cpu_summary()}, {jax.devices()[0].platform} backend; "
           f"jax {jax.__version__}, optax {optax.__version__}")
 
 

@@ -59,6 +59,11 @@ def _cpu_model() -> str:
   return platform.processor() or platform.machine()
 
 
+def cpu_summary() -> str:
+  """The CPU model and core count, e.g. ``AMD EPYC 7B13, 2 cores``."""
+  return f"{_cpu_model()}, {os.cpu_count()} cores"
+
+
 def _version(package: str) -> str | None:
   try:
     return metadata.version(package)

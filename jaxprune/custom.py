@@ -68,7 +68,7 @@ def pruning_method(pruning_type: PruningType) -> Callable[[ComputeMask], Callabl
       if mask is None:
         return check_mask(compute_mask(t, jnp.ones(x.shape, bool), **kwargs), x, what="computed mask")
       if pruning_type == "global":
-        new = compute_mask(t, mask, **kwargs)
+        new = check_mask(compute_mask(t, mask, **kwargs), x, what="computed mask")
       elif pruning_type == "unstructured":
         order = _live_first(mask.ravel())
         partial = compute_mask(t.ravel()[order], mask.ravel()[order], **kwargs)
@@ -80,7 +80,7 @@ def pruning_method(pruning_type: PruningType) -> Callable[[ComputeMask], Callabl
         partial = compute_mask(jnp.take(t, order, axis=axis), jnp.take(mask, order, axis=axis), **kwargs)
         partial = check_mask(partial, x, what="computed mask")
         new = jnp.take(partial, jnp.argsort(order), axis=axis)
-      return check_mask(new, x, what="computed mask") & mask
+      return new & mask
 
     method.pruning_type = pruning_type
     return method

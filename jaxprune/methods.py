@@ -70,10 +70,15 @@ def live_count(live: Optional[jax.Array], size: int):
   return int(jnp.sum(live))
 
 
+def _smallest_units(keys: jax.Array, amount: Amount, live: Optional[jax.Array]) -> jax.Array:
+  """The units (entries, channels or blocks) to prune: the ``amount`` live ones of smallest key."""
+  k = num_to_prune(amount, live_count(live, keys.size))
+  return selection.smallest([keys], k, [live])[0]
+
+
 def _unstructured(keys: jax.Array, amount: Amount, mask: Optional[jax.Array]) -> jax.Array:
   validate_amount(amount)
-  k = num_to_prune(amount, live_count(mask, keys.size))
-  pruned = selection.smallest([keys], k, [mask])[0]
+  pruned = _smallest_units(keys, amount, mask)
   return ~pruned if mask is None else mask & ~pruned
 
 
@@ -138,12 +143,9 @@ def _channel_mask(x: jax.Array, axis: int, channels: jax.Array) -> jax.Array:
 
 def _structured(channel_keys: jax.Array, x: jax.Array, amount: Amount, axis: int,
                 mask: Optional[jax.Array]) -> jax.Array:
-  """Prunes ``amount`` whole channels along ``axis``, ranking the live ones by ``channel_keys``."""
-  validate_amount(amount)
+  """Prunes ``amount`` (already validated) whole channels along ``axis``, ranking the live ones by ``channel_keys``."""
   live = None if mask is None else jnp.any(mask, axis=other_axes(x, axis))
-  k = num_to_prune(amount, live_count(live, x.shape[axis]))
-  pruned = selection.smallest([channel_keys], k, [live])[0]
-  kept = _channel_mask(x, axis, ~pruned)
+  kept = _channel_mask(x, axis, ~_smallest_units(channel_keys, amount, live))
   return kept if mask is None else kept & mask
 
 
@@ -153,6 +155,7 @@ def random_structured(key: jax.Array, x: jax.Array, amount: Amount, axis: int, *
   x = jnp.asarray(x)
   mask = check_mask(mask, x)
   axis = normalize_axis(x, axis)
+  validate_amount(amount)
   keys = selection.sortable_keys(jax.random.uniform(key, (x.shape[axis],)))
   return _structured(keys, x, amount, axis, mask)
 
@@ -293,7 +296,6 @@ def block_structured(x: jax.Array, amount: Amount, block_shape: Sequence[int], *
   inner = tuple(range(1, 2 * x.ndim, 2))
   norms = vector_norm(scores.reshape(tiled), n, inner)
   live = None if mask is None else jnp.any(mask.reshape(tiled), axis=inner)
-  k = num_to_prune(amount, live_count(live, norms.size))
-  pruned = selection.smallest([selection.sortable_keys(norms)], k, [live])[0]
+  pruned = _smallest_units(selection.sortable_keys(norms), amount, live)
   kept = jnp.broadcast_to(jnp.expand_dims(~pruned, inner), tiled).reshape(x.shape)
   return kept if mask is None else kept & mask

@@ -68,6 +68,36 @@ def numpy_dtype(name: str) -> np.dtype:
   return jnp.dtype(name)
 
 
+_NO_NUMPY_COUNTERPART = frozenset({"complex32", "float4_e2m1fn_x2"})
+"""torch dtypes that a same-named numpy (ml_dtypes) type does not hold bit for bit: ml_dtypes' complex32 is
+another type, and torch packs two float4 values per byte."""
+
+
+def check_convertible(x: Any, key: str = "tensor") -> None:
+  """Refuses, naming ``key``, a tensor that cannot cross as a dense array of the same dtype and bits: sparse,
+  quantized or meta torch tensors, and dtypes numpy and JAX cannot hold.
+
+  Raises:
+    DTypeError: saying what the tensor is and what to do about it.
+  """
+  if is_torch_tensor(x):
+    torch = _torch()
+    if x.layout != torch.strided:
+      raise DTypeError(f"{key!r} is a {str(x.layout).removeprefix('torch.')} tensor; only dense tensors convert "
+                       "(call .to_dense() on it first)")
+    if x.is_quantized:
+      raise DTypeError(f"{key!r} is a quantized tensor ({dtype_name(x)}); dequantize it first (.dequantize())")
+    if x.device.type == "meta":
+      raise DTypeError(f"{key!r} is a meta tensor: it has a shape but no data")
+  name = dtype_name(x)
+  try:
+    known = name not in _NO_NUMPY_COUNTERPART and numpy_dtype(name) is not None
+  except TypeError:
+    known = False
+  if not known:
+    raise DTypeError(f"{key!r} has dtype {name}, which numpy and JAX cannot hold; cast it first")
+
+
 def host_view(x: Any) -> np.ndarray:
   """A numpy view of a CPU tensor's memory (no copy); accelerator tensors are copied to the host first.
 
@@ -237,6 +267,19 @@ def _check_range(low: int, high: int, dtype: np.dtype, target: np.dtype, key: st
                      "enable it with jax.config.update('jax_enable_x64', True)")
 
 
+def narrowed_dtype(view: np.ndarray, key: str) -> Optional[np.dtype]:
+  """The dtype JAX will hold ``view`` in when ``jax_enable_x64`` is off (None: its own), after checking the
+  values fit it.
+
+  Raises:
+    DTypeError: float64/complex128 with x64 off, or 64-bit integers outside the 32-bit range.
+  """
+  target = _x64_target(view.dtype, key)
+  if target is not None and view.size:
+    _check_range(view.min(), view.max(), view.dtype, target, key)
+  return target
+
+
 def _on_accelerator(x: Any) -> bool:
   """Whether ``x`` is a torch tensor off the CPU (it then crosses through DLPack on its own device)."""
   return is_torch_tensor(x) and x.device.type != "cpu"
@@ -286,10 +329,8 @@ def to_jax(x: Any, placement: Placement = None, *, perm: Sequence[int] = (), cop
     arr = _accelerator_to_jax(x, perm, copy, key)
     return arr if placement is None else jax.device_put(arr, placement)
   view = host_view(x)
-  target = _x64_target(view.dtype, key)
+  target = narrowed_dtype(view, key)
   if target is not None:
-    if view.size:
-      _check_range(view.min(), view.max(), view.dtype, target, key)
     view = copy_host(view, perm, dtype=target)
   elif perm or (copy and _lands_on_host(placement)):  # else device_put would adopt x's memory
     view = copy_host(view, perm)

@@ -1,86 +1,312 @@
 """Reading and writing state_dict files safely.
 
-* The format is recognised from the file's first bytes, not its name: a zip or pickle is a torch checkpoint
-  (``.pt``/``.pth``/``.bin``), a JSON header behind its length is safetensors.
+* The format is recognised from the file's first bytes, not its name: a safetensors file starts with its header's
+  length (8 bytes, little-endian) and then ``{``, which is checked first; a zip or pickle is a torch checkpoint
+  (``.pt``/``.pth``/``.bin``).
+* safetensors are read here, with numpy, from a header that is checked in full first (no duplicate keys, known
+  dtypes, shapes that fit their byte ranges, ranges inside the file): no torch needed, and a hostile header gives
+  a :class:`CheckpointError`, never a panic or an allocation the size of a lie. Key order, which safetensors does
+  not keep, is stored in the file's metadata and restored.
 * torch checkpoints are read only with ``torch.load(weights_only=True)``: a pickle that needs anything beyond
   tensors and plain containers (``os.system``, a model class, ...) is refused and nothing in it runs.
-* safetensors are read and written with the ``safetensors`` package's numpy API: no torch needed. Key order, which
-  safetensors does not keep, is stored in the file's metadata and restored.
-* Every write goes to a temporary file in the target's folder, is flushed to disk, then renamed over the target: a
-  failure at any point leaves the old file (or no file), never a half-written one.
+* Every write goes to a private temporary folder beside the target, is flushed to disk, then renamed over the
+  target (a folder is swapped in with one atomic exchange where Linux offers it): a failure or a signal at any
+  point leaves the old file or folder (or none), never a half-written one. Temporary folders are locked while in
+  use, so the next write to the same target removes any that a killed process left behind.
 """
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import errno
+import fcntl
 import json
+import math
 import os
 import pickle
+import re
+import shutil
+import stat
 import uuid
-from typing import Any, Iterator, Mapping, Optional
+from typing import Any, Iterator, Mapping, NamedTuple, Optional
 
 import numpy as np
 
 from interop import devices
-from interop.errors import CheckpointError, UnsafeCheckpointError
+from interop.errors import CheckpointError, DTypeError, UnsafeCheckpointError
 
 KEYS_METADATA = "interop.keys"
 """safetensors metadata entry holding the state_dict's key order (a JSON list)."""
 
+SAFETENSORS_DTYPES = {"BOOL": "bool", "U8": "uint8", "I8": "int8", "U16": "uint16", "I16": "int16",
+                      "U32": "uint32", "I32": "int32", "U64": "uint64", "I64": "int64", "F16": "float16",
+                      "BF16": "bfloat16", "F32": "float32", "F64": "float64", "F8_E4M3": "float8_e4m3fn",
+                      "F8_E5M2": "float8_e5m2", "F8_E8M0": "float8_e8m0fnu", "C64": "complex64"}
+"""safetensors dtype codes -> numpy (ml_dtypes) names; what safetensors knows beyond these (F4, F6_*), numpy and
+JAX cannot hold."""
+_HEADER_MAX = 100 * 2**20  # safetensors' own limit on the header's size
 
-@contextlib.contextmanager
-def atomic_write(path: "os.PathLike[str] | str") -> Iterator[str]:
-  """Yields a temporary path beside ``path``; on a clean exit it replaces ``path`` atomically, else it is removed.
 
-  The result keeps the mode of the file it replaces, or gets the default mode (umask applied) when it is new.
-  """
-  path = os.fspath(path)
-  folder = os.path.dirname(os.path.abspath(path))
-  tmp = os.path.join(folder, f".{os.path.basename(path)}.{uuid.uuid4().hex}.tmp")
-  os.close(os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))
-  # Writers may recreate the file with their own mode: keep the target's mode, or the umask default for a new one.
-  mode = os.stat(path if os.path.exists(path) else tmp).st_mode & 0o7777
+# ----------------------------------------------------------------------------------------------------------------
+# Atomic writes
+
+
+def _tmp_pattern(name: str) -> re.Pattern:
+  return re.compile(re.escape(f".{name}.") + r"[0-9a-f]{32}\.tmp")
+
+
+def _locked(folder: str) -> int:
+  """An open descriptor of ``folder`` holding its exclusive lock (raises BlockingIOError if someone holds it)."""
+  fd = os.open(folder, os.O_RDONLY)
   try:
-    yield tmp
-    os.chmod(tmp, mode)
-    with open(tmp, "rb+") as f:
-      os.fsync(f.fileno())
-    os.replace(tmp, path)
+    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
   except BaseException:
-    with contextlib.suppress(FileNotFoundError):
-      os.unlink(tmp)
+    os.close(fd)
     raise
-  with contextlib.suppress(OSError):  # make the rename itself durable where the platform allows it
-    fd = os.open(folder, os.O_RDONLY)
+  return fd
+
+
+def remove_stale(path: str) -> list[str]:
+  """Removes the temporary folders of earlier writes to ``path`` whose process died (SIGKILL, power loss).
+
+  A live writer holds the lock on its folder, so only abandoned ones are removed. Returns their paths.
+  """
+  folder, name = os.path.split(os.path.abspath(path))
+  pattern, removed = _tmp_pattern(name), []
+  for entry in os.listdir(folder):
+    if not pattern.fullmatch(entry):
+      continue
+    stale = os.path.join(folder, entry)
+    try:
+      fd = _locked(stale)
+    except OSError:  # held by a live writer, or gone already
+      continue
+    try:
+      shutil.rmtree(stale, ignore_errors=True)
+      removed.append(stale)
+    finally:
+      os.close(fd)
+  return removed
+
+
+def _default_mode(tmp_dir: str) -> int:
+  """The mode a new file gets here (0o666 less the umask), read from a probe file rather than os.umask, which
+  would change the process-wide umask for a moment."""
+  probe = os.path.join(tmp_dir, ".mode")
+  os.close(os.open(probe, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))
+  mode = os.stat(probe).st_mode & 0o7777
+  os.unlink(probe)
+  return mode
+
+
+def _exchange(a: str, b: str) -> bool:
+  """Swaps two existing paths in one atomic step (Linux ``renameat2(RENAME_EXCHANGE)``); False where unsupported."""
+  renameat2 = getattr(ctypes.CDLL(None, use_errno=True), "renameat2", None)
+  if renameat2 is None:
+    return False
+  at_fdcwd, rename_exchange = -100, 2
+  if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
+    return True
+  err = ctypes.get_errno()
+  if err in (errno.ENOSYS, errno.EINVAL, errno.ENOTSUP):  # old kernel or a file system without it
+    return False
+  raise OSError(err, os.strerror(err), b)
+
+
+def _swap_in_folder(new: str, path: str, tmp_dir: str) -> None:
+  """Puts the folder ``new`` at ``path``; an old folder there moves into ``tmp_dir`` (removed with it)."""
+  if not os.path.lexists(path):
+    os.rename(new, path)
+  elif not _exchange(new, path):  # two renames: for a moment there is no folder at path, but never a broken one
+    old = os.path.join(tmp_dir, ".old")
+    os.rename(path, old)
+    try:
+      os.rename(new, path)
+    except BaseException:
+      os.rename(old, path)
+      raise
+
+
+def _fsync(path: str) -> None:
+  with contextlib.suppress(OSError):  # make a rename durable where the platform allows it
+    fd = os.open(path, os.O_RDONLY)
     try:
       os.fsync(fd)
     finally:
       os.close(fd)
 
 
+@contextlib.contextmanager
+def atomic_write(path: "os.PathLike[str] | str") -> Iterator[str]:
+  """Yields a temporary path for ``path``; on a clean exit what was written there replaces ``path`` atomically,
+  on any exception (KeyboardInterrupt included) it is removed and ``path`` is left as it was.
+
+  The temporary path lies in a locked folder ``.<name>.<hex>.tmp`` beside ``path``, so the writer's own temporary
+  files land there too. Write a file, or a folder (an Orbax checkpoint, say), which is then swapped in whole. A
+  file keeps the mode of the file it replaces, or gets the default mode (umask applied) when it is new.
+  """
+  path = os.fspath(path)
+  folder, name = os.path.split(os.path.abspath(path))
+  remove_stale(path)
+  tmp_dir = os.path.join(folder, f".{name}.{uuid.uuid4().hex}.tmp")
+  os.mkdir(tmp_dir, 0o700)
+  try:
+    lock = _locked(tmp_dir)
+  except BaseException:
+    os.rmdir(tmp_dir)
+    raise
+  try:
+    mode = os.stat(path).st_mode & 0o7777 if os.path.isfile(path) else _default_mode(tmp_dir)
+    tmp = os.path.join(tmp_dir, name)
+    yield tmp
+    if os.path.isdir(tmp):
+      _swap_in_folder(tmp, path, tmp_dir)
+    else:
+      os.chmod(tmp, mode)
+      _fsync(tmp)
+      os.replace(tmp, path)
+  finally:
+    shutil.rmtree(tmp_dir, ignore_errors=True)
+    os.close(lock)
+  _fsync(folder)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Reading
+
+
+def _regular_file(path: str) -> int:
+  """The file's size; refuses what is not a regular file (a FIFO or a device would block or never end)."""
+  try:
+    info = os.stat(path)
+  except FileNotFoundError:
+    raise CheckpointError(f"{path}: no such file") from None
+  if not stat.S_ISREG(info.st_mode):
+    kind = "a folder" if stat.S_ISDIR(info.st_mode) else "not a regular file (a pipe or a device?)"
+    raise CheckpointError(f"{path} is {kind}; a checkpoint is a regular file")
+  return info.st_size
+
+
+def _looks_like_safetensors(head: bytes, size: int) -> bool:
+  """An 8-byte header length that fits the file, then ``{``: checked before the torch signatures, because a
+  length of 128 mod 256 makes the first byte 0x80, a pickle's first byte."""
+  return len(head) >= 9 and head[8:9] == b"{" and 8 + int.from_bytes(head[:8], "little") <= size
+
+
 def _sniff(path: str) -> str:
+  size = _regular_file(path)
   with open(path, "rb") as f:
     head = f.read(9)
   if not head:
     raise CheckpointError(f"{path}: the file is empty")
+  if _looks_like_safetensors(head, size):
+    return "safetensors"
   if head[:4] == b"PK\x03\x04" or head[:1] == b"\x80":
     return "torch"
-  if len(head) == 9 and head[8:9] == b"{":
-    return "safetensors"
   raise CheckpointError(f"{path}: neither a torch checkpoint (zip or pickle) nor safetensors (first bytes {head!r})")
 
 
-def _read_safetensors(path: str) -> dict[str, np.ndarray]:
-  from safetensors import safe_open  # pylint: disable=import-outside-toplevel
+def _unique_pairs(pairs: list) -> dict:
+  """``json.loads`` hook: a key given twice is an error (safetensors itself lets the last one win)."""
+  out = dict(pairs)
+  if len(out) != len(pairs):
+    seen = set()
+    twice = next(k for k, _ in pairs if k in seen or seen.add(k))
+    raise ValueError(f"key {twice!r} appears twice")
+  return out
+
+
+class Header(NamedTuple):
+  """A checked safetensors header: ``tensors`` name -> (numpy dtype, shape, begin, end) in file order, the string
+  ``metadata``, and where the data starts."""
+  tensors: dict
+  metadata: dict
+  data_start: int
+
+
+def _tensor_entry(name: Any, info: Any, data_size: int) -> tuple[np.dtype, tuple[int, ...], int, int]:
+  if not isinstance(info, dict) or set(info) != {"dtype", "shape", "data_offsets"}:
+    raise ValueError(f"entry {name!r} is not {{dtype, shape, data_offsets}}")
+  code, shape, offsets = info["dtype"], info["shape"], info["data_offsets"]
+  if not isinstance(code, str) or code not in SAFETENSORS_DTYPES:
+    raise DTypeError(f"tensor {name!r} has dtype {code!r}, which numpy and JAX cannot hold (known: "
+                     f"{', '.join(SAFETENSORS_DTYPES)})")
+  ints = lambda xs: isinstance(xs, list) and all(type(x) is int and x >= 0 for x in xs)  # noqa: E731
+  if not (ints(shape) and ints(offsets) and len(offsets) == 2):
+    raise ValueError(f"tensor {name!r} has shape {shape!r} and data_offsets {offsets!r}: expected lists of "
+                     "non-negative integers")
+  dtype = devices.numpy_dtype(SAFETENSORS_DTYPES[code])
+  begin, end = offsets
+  if not begin <= end <= data_size or end - begin != math.prod(shape) * dtype.itemsize:
+    raise ValueError(f"tensor {name!r} of dtype {code} and shape {tuple(shape)} has data_offsets {offsets}, which "
+                     f"do not fit it or lie outside the {data_size} bytes of data")
+  return dtype, tuple(shape), begin, end
+
+
+def read_header(path: "os.PathLike[str] | str") -> Header:
+  """The checked header of a safetensors file.
+
+  Raises:
+    CheckpointError: not a safetensors file, or a header that is truncated, not JSON, lists a key twice, or
+      describes tensors that do not fit the file; DTypeError: a dtype numpy and JAX cannot hold.
+  """
+  path = os.fspath(path)
+  size = _regular_file(path)
+  with open(path, "rb") as f:
+    head = f.read(8)
+    length = int.from_bytes(head, "little")
+    if len(head) < 8 or length > min(_HEADER_MAX, size - 8):
+      raise CheckpointError(f"{path}: not a safetensors file, or truncated (header length {length}, file size "
+                            f"{size})")
+    raw = f.read(length)
   try:
-    with safe_open(path, framework="numpy") as f:
-      names = list(f.keys())
-      order = json.loads((f.metadata() or {}).get(KEYS_METADATA, "null"))
-      if not isinstance(order, list) or sorted(order) != sorted(names):
-        order = names
-      return {name: f.get_tensor(name) for name in order}
-  except Exception as err:  # safetensors raises its own error type, or OSError/ValueError, for broken files
-    raise CheckpointError(f"{path}: cannot read it as safetensors, it is truncated or corrupt "
-                          f"({type(err).__name__}: {err})") from err
+    header = json.loads(raw.decode("utf-8"), object_pairs_hook=_unique_pairs)
+    if not isinstance(header, dict):
+      raise ValueError("the header is not a JSON object")
+    metadata = header.pop("__metadata__", None) or {}
+    if not (isinstance(metadata, dict) and all(isinstance(v, str) for v in metadata.values())):
+      raise ValueError("__metadata__ is not a map of strings")
+    tensors = {name: _tensor_entry(name, info, size - 8 - length) for name, info in header.items()}
+  except DTypeError as err:
+    raise DTypeError(f"{path}: {err}") from None
+  except ValueError as err:  # json's errors and UnicodeDecodeError are ValueErrors too
+    raise CheckpointError(f"{path}: corrupt safetensors header: {err}") from None
+  return Header(tensors, metadata, 8 + length)
+
+
+def _read_exactly(f, out: np.ndarray, path: str, name: str) -> None:
+  view = memoryview(out.reshape(-1).view(np.uint8))
+  while view.nbytes:
+    n = f.readinto(view)
+    if not n:
+      raise CheckpointError(f"{path}: truncated inside tensor {name!r}")
+    view = view[n:]
+
+
+def _read_safetensors(path: str) -> dict[str, np.ndarray]:
+  header = read_header(path)
+  order = header.metadata.get(KEYS_METADATA)
+  try:
+    order = json.loads(order) if order is not None else None
+  except ValueError:
+    order = None
+  if not isinstance(order, list) or sorted(map(str, order)) != sorted(header.tensors):
+    order = list(header.tensors)
+  arrays = {}
+  with open(path, "rb") as f:
+    for name, (dtype, shape, begin, end) in sorted(header.tensors.items(), key=lambda kv: kv[1][2]):
+      try:
+        arrays[name] = devices.aligned_empty(shape, dtype)
+      except MemoryError:
+        raise CheckpointError(f"{path}: tensor {name!r} ({end - begin:,} bytes) does not fit in memory") from None
+      f.seek(header.data_start + begin)
+      _read_exactly(f, arrays[name], path, name)
+  return {name: arrays[name] for name in order}
+
+
+def _torch_reason(err: Exception) -> Optional[str]:
+  """The line of a weights_only failure that says what was refused (``Unsupported global: ...``), if any."""
+  return next((line.strip() for line in str(err).splitlines() if "unsupported" in line.lower()), None)
 
 
 def _read_torch(path: str) -> Any:
@@ -92,9 +318,14 @@ def _read_torch(path: str) -> Any:
   try:
     return torch.load(path, map_location="cpu", weights_only=True)
   except pickle.UnpicklingError as err:
-    reason = next((line.strip() for line in str(err).splitlines() if "unsupported" in line.lower()), None)
+    reason = _torch_reason(err)
     if reason is None:
       raise CheckpointError(f"{path}: cannot unpickle it, it is truncated or corrupt ({err})") from err
+    if reason.lower().startswith("unsupported operand"):  # an opcode, not an object: harmless but unreadable
+      raise CheckpointError(
+          f"{path}: written with a pickle protocol (e.g. torch.save(..., pickle_protocol=4)) whose opcodes torch's "
+          f"safe loader cannot read ({reason}); nothing in it was run. Save it again with torch.save's default "
+          "protocol, or as safetensors") from None
     raise UnsafeCheckpointError(
         f"{path}: refused: the pickle needs more than tensors to load ({reason}), and nothing in it was run. Only "
         "if you trust where it came from, load it yourself with torch.load(weights_only=False) and pass the "
@@ -117,6 +348,10 @@ def _state_dict_of(obj: Any, path: str, key: Optional[str]) -> dict[str, Any]:
       nested = [k for k, v in obj.items() if isinstance(v, Mapping)]
       hint = f"; pass key={nested[0]!r} if the state_dict is in there" if nested else ""
       raise CheckpointError(f"{path}: entry {name!r} is a {type(value).__name__}, not a tensor{hint}")
+    try:
+      devices.check_convertible(value, name)
+    except DTypeError as err:
+      raise DTypeError(f"{path}: {err}") from None
   return dict(obj)
 
 
@@ -130,6 +365,7 @@ def load_state_dict(path: "os.PathLike[str] | str", *, key: Optional[str] = None
   Raises:
     UnsafeCheckpointError: a pickle that references anything beyond tensors; it is not executed.
     CheckpointError: an empty, truncated, corrupt or unknown file, or one that holds no state_dict.
+    DTypeError: a tensor numpy and JAX cannot hold (sparse, quantized, meta, complex32, float4, ...).
   """
   path = os.fspath(path)
   kind = _sniff(path)
@@ -139,15 +375,24 @@ def load_state_dict(path: "os.PathLike[str] | str", *, key: Optional[str] = None
 
 def read_metadata(path: "os.PathLike[str] | str") -> dict[str, str]:
   """The string metadata of a safetensors file (``{}`` when it has none)."""
-  from safetensors import safe_open  # pylint: disable=import-outside-toplevel
   path = os.fspath(path)
   if _sniff(path) != "safetensors":
     raise CheckpointError(f"{path} is not a safetensors file")
-  try:
-    with safe_open(path, framework="numpy") as f:
-      return dict(f.metadata() or {})
-  except Exception as err:
-    raise CheckpointError(f"{path}: cannot read its safetensors header ({type(err).__name__}: {err})") from err
+  return dict(read_header(path).metadata)
+
+
+_SAFETENSORS_CODES = {name: code for code, name in SAFETENSORS_DTYPES.items()}
+
+
+def _safetensors_arrays(state_dict: Mapping[str, Any], path: str) -> dict[str, np.ndarray]:
+  arrays = {}
+  for name, value in state_dict.items():
+    array = devices.host_view(value)
+    if array.dtype.name not in _SAFETENSORS_CODES:
+      raise DTypeError(f"{path}: tensor {name!r} is {array.dtype.name}, which safetensors cannot store; write a "
+                       "torch checkpoint (.pt) instead")
+    arrays[name] = np.require(array, requirements="C")
+  return arrays
 
 
 def save_state_dict(state_dict: Mapping[str, Any], path: "os.PathLike[str] | str", *,
@@ -159,11 +404,14 @@ def save_state_dict(state_dict: Mapping[str, Any], path: "os.PathLike[str] | str
     state_dict: key -> torch tensor or numpy array, in the order to keep.
     path: the target; an existing file is replaced only once the new one is complete.
     metadata: extra string metadata (safetensors only), e.g. ``{"interop.spec": spec.to_json()}``.
+
+  Raises:
+    DTypeError: a dtype safetensors cannot store (complex128), checked before anything is written.
   """
   path = os.fspath(path)
   if path.endswith(".safetensors"):
     from safetensors.numpy import save_file  # pylint: disable=import-outside-toplevel
-    arrays = {name: np.require(devices.host_view(value), requirements="C") for name, value in state_dict.items()}
+    arrays = _safetensors_arrays(state_dict, path)
     meta = {KEYS_METADATA: json.dumps(list(arrays)), **(metadata or {})}
     with atomic_write(path) as tmp:
       save_file(arrays, tmp, metadata=meta)

@@ -20,6 +20,41 @@ def _as_torch(state_dict: Mapping[str, Any]) -> dict[str, Any]:
   return {k: v if devices.is_torch_tensor(v) else devices.torch_from_host(np.asarray(v)) for k, v in state_dict.items()}
 
 
+def _check_loadable(module, state_dict: Mapping[str, Any], targets: list, strict: bool) -> None:
+  """Raises what ``load_state_dict`` would, before anything changes: torch's loader copies every tensor that fits
+  before it reports the ones that do not, so a failing load would leave the model half loaded (and pruned)."""
+  expected = {k: tuple(v.shape) for k, v in module.state_dict(keep_vars=True).items()}
+  for _, prefix, local, already, _ in targets:
+    if not already:  # after custom_from_mask: X becomes X_orig (same shape) plus the buffer X_mask
+      shape = expected.pop(statedict._join(prefix, local))  # pylint: disable=protected-access
+      expected[statedict._join(prefix, local + statedict.ORIG)] = shape  # pylint: disable=protected-access
+      expected[statedict._join(prefix, local + statedict.MASK)] = shape  # pylint: disable=protected-access
+  if strict:
+    missing = [k for k in expected if k not in state_dict]
+    unexpected = [k for k in state_dict if k not in expected]
+    if missing or unexpected:
+      raise LayoutError(f"the state_dict does not fit the module: missing keys {missing}, unexpected keys "
+                        f"{unexpected} (pass strict=False to load what fits)")
+  for key, value in state_dict.items():
+    if key in expected and tuple(value.shape) != expected[key]:
+      raise LayoutError(f"{key!r} has shape {tuple(value.shape)}, but the module's has shape {expected[key]}")
+
+
+def _unprune(sub, local: str) -> None:
+  """Undoes ``custom_from_mask`` without touching the weight: ``X_orig`` (the very Parameter that was ``X``) goes
+  back under its name; torch's ``prune.remove`` would instead store ``X_orig * X_mask``."""
+  from torch.nn.utils import prune  # pylint: disable=import-outside-toplevel
+  hooks = sub._forward_pre_hooks  # pylint: disable=protected-access
+  for handle, hook in list(hooks.items()):
+    if isinstance(hook, prune.BasePruningMethod) and getattr(hook, "_tensor_name", None) == local:
+      del hooks[handle]
+  orig = sub._parameters.pop(local + statedict.ORIG)  # pylint: disable=protected-access
+  del sub._buffers[local + statedict.MASK]  # pylint: disable=protected-access
+  if hasattr(sub, local):
+    delattr(sub, local)
+  sub.register_parameter(local, orig)
+
+
 def load_pruned(module, source: Any, *, strict: bool = True, key: Optional[str] = None):
   """Loads a pruned state_dict (or checkpoint path) into a torch model, pruning it where the state_dict is pruned.
 
@@ -30,15 +65,16 @@ def load_pruned(module, source: Any, *, strict: bool = True, key: Optional[str] 
   Args:
     module: a torch ``nn.Module``, fresh or already pruned.
     source: a state_dict (torch tensors or numpy arrays, e.g. from :func:`interop.to_torch`) or a checkpoint path.
-    strict: passed to ``load_state_dict``.
+    strict: as for ``load_state_dict``: every key of the (pruned) module must be in the state_dict and vice versa.
     key: for a checkpoint path whose file holds the state_dict under a key.
 
   Returns:
     ``module``, loaded.
 
   Raises:
-    PairingError, MaskError, DuplicateKeyError: a broken pruned state_dict (nothing is changed then).
-    LayoutError: a pruned tensor the module does not have as a parameter, or of another shape.
+    PairingError, MaskError, DuplicateKeyError: a broken pruned state_dict.
+    LayoutError: a pruned tensor the module does not have as a parameter; a key the module lacks or misses (with
+      ``strict``), or a shape that differs. In every case the module is left exactly as it was.
   """
   import torch  # pylint: disable=import-outside-toplevel
   from torch.nn.utils import prune  # pylint: disable=import-outside-toplevel
@@ -57,17 +93,21 @@ def load_pruned(module, source: Any, *, strict: bool = True, key: Optional[str] 
     if param is None:
       raise LayoutError(f"{name + statedict.ORIG!r}: module {prefix!r} ({type(sub).__name__}) has no parameter "
                         f"{local!r} to prune")
-    mask = state_dict[name + statedict.MASK]
-    if tuple(mask.shape) != tuple(param.shape):
-      raise LayoutError(f"{name + statedict.MASK!r} has shape {tuple(mask.shape)}, but the module's {name!r} has "
-                        f"shape {tuple(param.shape)}")
-    targets.append((sub, local, already, mask.to(param.device)))
-  for sub, local, already, mask in targets:
-    if not already:
-      prune.custom_from_mask(sub, local, mask=mask)
-  module.load_state_dict(state_dict, strict=strict)
+    targets.append((sub, prefix, local, already, state_dict[name + statedict.MASK].to(param.device)))
+  _check_loadable(module, state_dict, targets, strict)
+  done = []
+  try:
+    for sub, _, local, already, mask in targets:
+      if not already:
+        prune.custom_from_mask(sub, local, mask=mask)
+        done.append((sub, local))
+    module.load_state_dict(state_dict, strict=strict)
+  except Exception as err:  # anything torch refuses that the checks above did not foresee: undo the pruning
+    for sub, local in reversed(done):
+      _unprune(sub, local)
+    raise LayoutError(f"load_state_dict refused the state_dict: {' '.join(str(err).split())}") from err
   with torch.no_grad():  # a leaf tensor, so the module stays deep-copyable (spec §9)
-    for sub, local, _, _ in targets:
+    for sub, _, local, _, _ in targets:
       hook = next((h for h in sub._forward_pre_hooks.values()  # pylint: disable=protected-access
                    if isinstance(h, prune.BasePruningMethod) and getattr(h, "_tensor_name", None) == local), None)
       if hook is not None:  # None only for a module whose hook torch lost in a failed re-prune (spec §1.2)

@@ -73,10 +73,35 @@ class TorchSpec(NamedTuple):
 
   @classmethod
   def from_json(cls, text: str) -> "TorchSpec":
-    data = json.loads(text)
-    return cls(data["layout"], tuple(
-        Entry(key, role, col, tuple(path), tuple(perm), dtype, tuple(shape))
-        for key, role, col, path, perm, dtype, shape in data["entries"]))
+    """The spec :meth:`to_json` wrote; anything else (a file's tampered metadata) raises :class:`InteropError`."""
+    try:
+      data = json.loads(text)
+      if not (isinstance(data, dict) and data.get("layout") in LAYOUTS and isinstance(data.get("entries"), list)):
+        raise ValueError('expected {"layout": "torch" | "flax", "entries": [...]}')
+      return cls(data["layout"], tuple(_entry(row) for row in data["entries"]))
+    except (ValueError, TypeError) as err:  # JSONDecodeError is a ValueError
+      raise InteropError(f"malformed TorchSpec: {err}") from None
+
+
+ROLES = ("param", "orig", "mask", "buffer")
+
+
+def _entry(row: Any) -> Entry:
+  """One spec entry from its JSON list, every field checked (a dtype name numpy knows, a real permutation)."""
+  strings = lambda xs: isinstance(xs, list) and all(isinstance(x, str) for x in xs)  # noqa: E731
+  ints = lambda xs: isinstance(xs, list) and all(type(x) is int and x >= 0 for x in xs)  # noqa: E731
+  if not (isinstance(row, list) and len(row) == len(Entry._fields)):
+    raise ValueError(f"entry {row!r} is not a list of {len(Entry._fields)} fields {Entry._fields}")
+  key, role, collection, path, perm, dtype, shape = row
+  if not (isinstance(key, str) and role in ROLES and isinstance(collection, str) and strings(path) and path
+          and ints(perm) and isinstance(dtype, str) and ints(shape)
+          and (not perm or sorted(perm) == list(range(len(shape))))):
+    raise ValueError(f"entry {row!r} does not describe a tensor (key, role, collection, path, perm, dtype, shape)")
+  try:
+    devices.numpy_dtype(dtype)
+  except TypeError:
+    raise ValueError(f"entry {key!r} has the unknown dtype {dtype!r}") from None
+  return Entry(key, role, collection, tuple(path), tuple(perm), dtype, tuple(shape))
 
 
 class Converted(NamedTuple):
@@ -156,6 +181,7 @@ def _meta(state_dict: Mapping[str, Any]) -> dict[str, tuple[tuple[int, ...], str
   for key, value in state_dict.items():
     if not isinstance(key, str) or not hasattr(value, "shape") or not hasattr(value, "dtype"):
       raise InteropError(f"state_dict entry {key!r} is a {type(value).__name__}, not a tensor")
+    devices.check_convertible(value, key)
     meta[key] = (tuple(value.shape), devices.dtype_name(value))
   return meta
 
@@ -525,3 +551,48 @@ def validate_state_dict(state_dict: Mapping[str, Any], module: Any = None) -> tu
       devices.binary_mask_host(devices.host_view(state_dict[key]), key)
       pruned.append(_join(prefix, base))
   return tuple(pruned)
+
+
+class TensorStats(NamedTuple):
+  """One parameter of a state_dict, as :func:`tensor_stats` counts it.
+
+  Attributes:
+    entry: the param's :class:`Entry` (an ``"orig"`` one for a pruned param: its mask sits beside it), in the
+      layout asked for; ``entry.dtype`` is torch's dtype (int64 stays int64).
+    pruned: whether it has a mask (an ``X_orig``/``X_mask`` pair).
+    size: its number of entries.
+    zeros: zeros of the effective weight (``X_orig * X_mask``), a pruned entry counting as zero.
+  """
+  entry: Entry
+  pruned: bool
+  size: int
+  zeros: int
+
+
+def tensor_stats(state_dict: Mapping[str, Any], layout: str = "torch") -> tuple[TorchSpec, list[TensorStats]]:
+  """Checks a state_dict as :func:`from_torch` would and counts the zeros of every param, on the host only.
+
+  Every check of :func:`from_torch` runs (pairs, 0/1 masks, layout rules, dtypes JAX can hold with
+  ``jax_enable_x64`` as it is), but no JAX array is made: a state_dict of many small tensors is counted at numpy's
+  speed, with no device transfer per tensor.
+
+  Returns:
+    The spec and one :class:`TensorStats` per param (buffers are in the spec only), in the state_dict's order.
+
+  Raises:
+    As :func:`from_torch`.
+  """
+  spec = build_spec(_meta(state_dict), layout)
+  masks = {e.path: devices.binary_mask_host(devices.host_view(state_dict[e.key]), e.key)
+           for e in spec.entries if e.role == "mask"}
+  stats = []
+  for e in spec.entries:
+    if e.role == "mask":
+      continue
+    view = devices.host_view(state_dict[e.key])
+    devices.narrowed_dtype(view, e.key)
+    if e.role == "buffer":
+      continue
+    kept = view if e.role == "param" else np.where(masks[e.path], view, np.zeros((), view.dtype))  # torch layout
+    stats.append(TensorStats(e, e.role == "orig", view.size, view.size - int(np.count_nonzero(kept))))
+  return spec, stats

@@ -17,3 +17,7 @@ from jaxprune.pytree import (UNMASKED, apply_masks, default_where, global_unstru
 from jaxprune.report import LeafSparsity, SparsityReport, sparsity_report
 
 __version__ = "0.1.0"
+
+# Sparse training (issue 11): gradient criteria, layer-wise budgets, SET / RigL and the straight-through estimator.
+from jaxprune import budgets, criteria, sparse_training
+from jaxprune.sparse_training import DynamicSparseState, dynamic_sparse, rigl, set_training, straight_through

@@ -11,5 +11,5 @@ from interop.errors import (CheckpointError, DTypeError, DuplicateKeyError, Inte
 from interop.io import atomic_write, load_state_dict, read_metadata, save_state_dict
 from interop.layouts import (BUILTIN_RULES, CONV, IDENTITY, LINEAR, LayoutRule, TensorMap, Transform, rule_for)
 from interop.load import load_pruned
-from interop.statedict import (Converted, Entry, TorchSpec, from_torch, permanent_state_dict, to_torch,
-                               validate_state_dict)
+from interop.statedict import (Converted, Entry, TensorStats, TorchSpec, from_torch, permanent_state_dict,
+                               tensor_stats, to_torch, validate_state_dict)

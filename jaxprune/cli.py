@@ -13,7 +13,11 @@ each command handles every input form the same way. The JAX form, as written her
 :class:`interop.TorchSpec` that restores torch's exact keys, order and dtypes on the way back.
 
 User mistakes (bad arguments, missing or corrupt files, amounts out of range, a target that exists) print one line
-on stderr and exit with status 2; nothing is written then, and nothing is overwritten without ``--force``.
+on stderr and exit with status 2. Everything is checked before anything is written, so a failing command creates,
+changes and removes nothing. Outputs are written beside the target and swapped in whole (an Orbax folder too), so
+SIGINT, SIGTERM and SIGHUP leave the old output (or none) and no temporary files; what a SIGKILL leaves is removed
+by the next write to the same target. ``--force`` replaces a file or an Orbax checkpoint jaxprune wrote, never
+another folder.
 ``interop`` (and, through it, torch for ``.pt`` files) and Orbax are imported only by the commands that need them,
 so ``import jaxprune`` never pulls in torch and a safetensors-only install runs every command but ``.pt`` I/O.
 """
@@ -22,9 +26,12 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import math
 import os
 import re
+import signal
 import sys
+import warnings
 from typing import Any, Callable, Iterator, NamedTuple, Optional, Sequence, Union
 
 import jax
@@ -43,6 +50,8 @@ FORMAT_KEY = "jaxprune.format"
 """safetensors metadata (and Orbax ``meta`` entry) marking the JAX form; its value is the layout, ``"flax"``."""
 SPEC_KEY = "interop.spec"
 METHODS = {"l1": "l1_unstructured", "random": "random_unstructured", "ln": "ln_structured", "nm": "nm_structured"}
+ORBAX_ENTRIES = frozenset({"_CHECKPOINT_METADATA", "commit_success.txt", "meta", "state"})
+"""What an Orbax checkpoint written by ``convert --layout flax`` holds at its top level (orbax-checkpoint 0.12)."""
 
 
 class UserError(Exception):
@@ -75,19 +84,43 @@ def _metadata(path: str) -> dict:
     return {}
 
 
-def _jax_to_state_dict(trees: dict, spec_json: Optional[str]) -> dict:
-  """The torch-form state_dict of JAX-form trees ``{"params", "masks", collections...}``."""
+def _escape(part: str) -> str:
+  """A pytree key as one ``/``-separated part of a safetensors key (torch keys may hold ``/``)."""
+  return part.replace("%", "%25").replace("/", "%2F")
+
+
+def _unescape(part: str) -> str:
+  return re.sub("%(25|2F)", lambda m: "%" if m.group(1) == "25" else "/", part)
+
+
+def _unflatten(flat: dict, path: str) -> dict:
+  """Nested trees of a JAX-form safetensors file's ``/``-joined keys; a tensor where a subtree must go (``params``
+  beside ``params/fc/kernel``) is an error, not a silent overwrite."""
+  paths = {tuple(_unescape(p) for p in key.split("/")): value for key, value in flat.items()}
+  for p in paths:
+    clash = next((p[:i] for i in range(1, len(p)) if p[:i] in paths), None)
+    if clash is not None:
+      raise UserError(f"{path}: tensor {'/'.join(clash)!r} sits where {'/'.join(p)!r} needs a subtree; not a "
+                      "JAX-form checkpoint jaxprune wrote")
+  return traverse_util.unflatten_dict(paths)
+
+
+def _jax_to_state_dict(trees: dict, spec_json: Optional[str], path: str) -> dict:
+  """The torch-form state_dict of JAX-form trees ``{"params", "masks", collections...}`` read from ``path``."""
   import interop  # pylint: disable=import-outside-toplevel
   trees = dict(trees)
-  if "params" not in trees:
-    raise UserError(f"the JAX checkpoint has no 'params' (found {sorted(trees)})")
+  if not isinstance(trees.get("params"), dict):
+    raise UserError(f"{path}: the JAX checkpoint has no 'params' tree (found {sorted(trees)})")
   params, masked = trees.pop("params"), traverse_util.flatten_dict(trees.pop("masks", {}))
   flat = traverse_util.flatten_dict(params)
-  for path in masked:
-    if path not in flat:
-      raise UserError(f"mask {'/'.join(path)!r} has no param beside it")
-  masks = traverse_util.unflatten_dict({path: masked.get(path, jaxprune.UNMASKED) for path in flat})
-  spec = interop.TorchSpec.from_json(spec_json) if spec_json else None
+  for leaf in masked:
+    if leaf not in flat:
+      raise UserError(f"{path}: mask {'/'.join(leaf)!r} has no param beside it")
+  masks = traverse_util.unflatten_dict({leaf: masked.get(leaf, jaxprune.UNMASKED) for leaf in flat})
+  try:
+    spec = interop.TorchSpec.from_json(spec_json) if spec_json is not None else None
+  except interop.InteropError as err:
+    raise UserError(f"{path}: metadata {SPEC_KEY!r}: {err}") from None
   return interop.to_torch(params, masks, trees, spec, layout="flax", tensors="numpy")
 
 
@@ -105,9 +138,9 @@ def _read_orbax(path: str) -> Loaded:
     raise UserError(f"{path}: not an Orbax checkpoint written by `jaxprune convert ... --layout flax` "
                     f"({type(err).__name__}: {err})") from err
   meta = restored["meta"] or {}
-  if meta.get(FORMAT_KEY) != "flax":
+  if not isinstance(meta, dict) or meta.get(FORMAT_KEY) != "flax":
     raise UserError(f"{path}: an Orbax checkpoint without jaxprune's {FORMAT_KEY!r} entry")
-  return Loaded(_jax_to_state_dict(restored["state"], meta.get(SPEC_KEY)), "flax")
+  return Loaded(_jax_to_state_dict(restored["state"], meta.get(SPEC_KEY), path), "flax")
 
 
 def read_checkpoint(path: str, key: Optional[str] = None) -> Loaded:
@@ -121,14 +154,32 @@ def read_checkpoint(path: str, key: Optional[str] = None) -> Loaded:
   state_dict = interop.load_state_dict(path, key=key)
   meta = _metadata(path)
   if meta.get(FORMAT_KEY) == "flax":
-    return Loaded(_jax_to_state_dict(traverse_util.unflatten_dict(state_dict, sep="/"), meta.get(SPEC_KEY)), "flax")
+    return Loaded(_jax_to_state_dict(_unflatten(state_dict, path), meta.get(SPEC_KEY), path), "flax")
   return Loaded(state_dict, "torch")
 
 
+def _written_by_jaxprune(path: str) -> bool:
+  """Whether the folder ``path`` is an Orbax checkpoint written by ``convert --layout flax`` and nothing more."""
+  try:
+    with open(os.path.join(path, "meta", "metadata"), encoding="utf-8") as f:
+      meta = json.load(f)
+    entries = set(os.listdir(path))
+  except (OSError, ValueError):
+    return False
+  return isinstance(meta, dict) and meta.get(FORMAT_KEY) == "flax" and entries <= ORBAX_ENTRIES
+
+
 def check_target(path: str, force: bool) -> None:
-  """Refuses to overwrite without ``--force``, and a target whose folder does not exist."""
+  """Refuses to overwrite without ``--force``; with it, refuses any folder but a jaxprune Orbax checkpoint (which
+  only an Orbax checkpoint may replace), and a target whose folder does not exist."""
   if os.path.lexists(path) and not force:
     raise UserError(f"{path} exists; pass --force to overwrite it")
+  if os.path.isdir(path) and not os.path.islink(path):
+    if not _written_by_jaxprune(path):
+      raise UserError(f"{path} is a folder that is not an Orbax checkpoint written by jaxprune; --force replaces "
+                      "only files and jaxprune's checkpoints, never another folder")
+    if path.endswith((*TORCH_SUFFIXES, SAFETENSORS)):
+      raise UserError(f"{path} is an Orbax checkpoint (a folder); a file cannot replace it")
   folder = os.path.dirname(os.path.abspath(path))
   if not os.path.isdir(folder):
     raise UserError(f"{path}: the folder {folder} does not exist")
@@ -146,6 +197,59 @@ def check_output_form(path: str, layout: str) -> None:
     raise UserError(f"{path} is a file; an Orbax checkpoint is a directory")
 
 
+class Signalled(BaseException):
+  """SIGINT, SIGTERM or SIGHUP, raised in the main thread, so that a write in progress is cleaned up (the default
+  action of SIGTERM and SIGHUP ends the process on the spot, leaving temporary files behind)."""
+
+  def __init__(self, signum: int):
+    super().__init__(signal.Signals(signum).name)
+    self.signum = signum
+
+
+_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+_held: dict[str, Any] = {"on": False, "signum": None}
+"""While a writer runs, signals are held (recorded) instead of raised: raised inside Orbax's threads, its event
+loop or a garbage-collector callback they print tracebacks, or are swallowed and the write goes on."""
+
+
+def _on_signal(signum: int, _frame) -> None:
+  if _held["on"]:
+    _held["signum"] = _held["signum"] or signum
+  else:
+    raise Signalled(signum)
+
+
+@contextlib.contextmanager
+def _signals_raise() -> Iterator[None]:
+  previous = {s: signal.signal(s, _on_signal) for s in _SIGNALS}
+  try:
+    yield
+  finally:
+    for s, h in previous.items():
+      signal.signal(s, h)
+
+
+@contextlib.contextmanager
+def _signals_held() -> Iterator[None]:
+  """Holds signals while the block runs, then raises the first one that came (the output is not committed yet)."""
+  _held.update(on=True, signum=None)
+  try:
+    yield
+  finally:
+    signum = _held["signum"]
+    _held.update(on=False, signum=None)
+  if signum is not None:
+    raise Signalled(signum)
+
+
+def write_atomically(path: str, write: Callable[[str], None]) -> None:
+  """``write(tmp)``, then ``tmp`` replaces ``path``: unless it fails or a signal comes meanwhile, which leave
+  ``path`` as it was and no temporary file."""
+  import interop  # pylint: disable=import-outside-toplevel
+  with interop.atomic_write(path) as tmp, _signals_held():
+    write(tmp)
+
+
 def write_torch(state_dict: dict, path: str) -> None:
   """A torch-form state_dict as ``.pt``/``.pth``/``.bin`` (needs torch) or ``.safetensors`` (does not)."""
   import interop  # pylint: disable=import-outside-toplevel
@@ -155,7 +259,7 @@ def write_torch(state_dict: dict, path: str) -> None:
     except ImportError as err:
       raise UserError(f"{path}: writing a torch checkpoint needs torch (pip install 'jaxprune[torch]'); "
                       f"write {SAFETENSORS} instead") from err
-  interop.save_state_dict(state_dict, path)
+  write_atomically(path, lambda tmp: interop.save_state_dict(state_dict, tmp))
 
 
 def _jax_trees(state_dict: dict) -> tuple[dict, str]:
@@ -170,13 +274,15 @@ def _jax_trees(state_dict: dict) -> tuple[dict, str]:
   return trees, converted.spec.to_json()
 
 
-def write_flax(state_dict: dict, path: str, force: bool) -> None:
-  """The JAX form: a ``.safetensors`` file with ``/``-joined keys, or else an Orbax checkpoint directory."""
+def write_flax(state_dict: dict, path: str) -> None:
+  """The JAX form: a ``.safetensors`` file with ``/``-joined keys (``/`` and ``%`` inside a key part escaped as
+  ``%2F``, ``%25``), or else an Orbax checkpoint directory."""
+  import interop  # pylint: disable=import-outside-toplevel
   trees, spec = _jax_trees(state_dict)
   if path.endswith(SAFETENSORS):
-    import interop  # pylint: disable=import-outside-toplevel
-    interop.save_state_dict(traverse_util.flatten_dict(trees, sep="/"), path,
-                            metadata={FORMAT_KEY: "flax", SPEC_KEY: spec})
+    flat = {"/".join(map(_escape, p)): v for p, v in traverse_util.flatten_dict(trees).items()}
+    write_atomically(path, lambda tmp: interop.save_state_dict(flat, tmp, metadata={FORMAT_KEY: "flax",
+                                                                                     SPEC_KEY: spec}))
     return
   try:
     import orbax.checkpoint as ocp  # pylint: disable=import-outside-toplevel
@@ -185,9 +291,12 @@ def write_flax(state_dict: dict, path: str, force: bool) -> None:
                     f"or write {SAFETENSORS}") from err
   args = ocp.args.Composite(state=ocp.args.StandardSave(trees), meta=ocp.args.JsonSave({FORMAT_KEY: "flax",
                                                                                          SPEC_KEY: spec}))
-  # Orbax writes into a temporary directory and renames it when complete, so a crash leaves no half checkpoint.
-  with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as checkpointer:
-    checkpointer.save(os.path.abspath(path), args=args, force=force)
+
+  def save(tmp: str) -> None:
+    with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as checkpointer:
+      checkpointer.save(tmp, args=args)
+
+  write_atomically(path, save)  # Orbax's own force deletes the old folder first: write beside it, swap it in whole
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -224,30 +333,42 @@ class Output:
 
   def emit(self, data: dict, *renderables: Any) -> None:
     if self.json:
-      print(json.dumps(data))
+      print(json.dumps(_finite(data), allow_nan=False))
     else:
       for r in renderables:
         self.console.print(r)
 
 
+def _finite(data: Any) -> Any:
+  """``data`` with non-finite floats as the strings ``"inf"``, ``"-inf"``, ``"nan"``: JSON has no such numbers
+  (``json.dumps`` would write ``Infinity``, which strict parsers refuse)."""
+  if isinstance(data, float) and not math.isfinite(data):
+    return str(data)
+  if isinstance(data, dict):
+    return {k: _finite(v) for k, v in data.items()}
+  if isinstance(data, (list, tuple)):
+    return [_finite(v) for v in data]
+  return data
+
+
 def _report(state_dict: dict, layout: str) -> dict:
-  """Per-tensor rows and totals of a torch-form state_dict, named as in ``layout``."""
+  """Per-tensor rows and totals of a torch-form state_dict, named as in ``layout``, in the checkpoint's order.
+
+  Everything ``from_torch`` checks is checked (so a command that writes validates its whole output first), but
+  the counting runs in numpy on the host: a checkpoint of many small tensors needs no device transfer per tensor.
+  Dtypes are torch's (int64 stays int64, though JAX holds it as int32 with x64 off).
+  """
   import interop  # pylint: disable=import-outside-toplevel
-  converted = interop.from_torch(state_dict, layout=layout)
+  spec, stats = interop.tensor_stats(state_dict, layout)
   sep = "." if layout == "torch" else "/"
-  # The report follows the pytree's sorted keys; the checkpoint's own order (conv1.weight before conv1.bias) reads
-  # better, and the spec records it.
-  position = {}
-  for i, entry in enumerate(converted.spec.entries):
-    position.setdefault("/".join(entry.path), i)
-  leaves = sorted(jaxprune.sparsity_report(converted.params, converted.masks).leaves, key=lambda l: position[l.path])
-  rows = [{"name": leaf.path.replace("/", sep), "shape": list(leaf.shape), "dtype": leaf.dtype,
-           "pruned": leaf.masked, "size": leaf.size, "zeros": leaf.zeros,
-           "sparsity": leaf.zeros / leaf.size if leaf.size else 0.0} for leaf in leaves]
+  rows = [{"name": sep.join(t.entry.path), "shape": list(t.entry.jax_shape()), "dtype": t.entry.dtype,
+           "pruned": t.pruned, "size": t.size, "zeros": t.zeros, "sparsity": t.zeros / t.size if t.size else 0.0}
+          for t in stats]
   size, zeros = sum(r["size"] for r in rows), sum(r["zeros"] for r in rows)
   pruned = [r for r in rows if r["pruned"]]
   pruned_size = sum(r["size"] for r in pruned)
-  return {"layout": layout, "tensors": rows, "buffers": len(jax.tree.leaves(converted.buffers)), "size": size,
+  buffers = sum(e.role == "buffer" for e in spec.entries)
+  return {"layout": layout, "tensors": rows, "buffers": buffers, "size": size,
           "zeros": zeros, "sparsity": zeros / size if size else 0.0, "pruned_tensors": len(pruned),
           "pruned_sparsity": sum(r["zeros"] for r in pruned) / pruned_size if pruned_size else None}
 
@@ -342,6 +463,30 @@ def _check_prune_args(args) -> dict:
   return kwargs
 
 
+def _seed(text: str) -> int:
+  """``--seed``: an integer that fits JAX's 64-bit seed."""
+  try:
+    value = int(text)
+  except ValueError:
+    raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+  if not -2**63 <= value < 2**63:
+    raise argparse.ArgumentTypeError(f"{text} does not fit a 64-bit seed (-2**63 to 2**63 - 1)")
+  return value
+
+
+def _torch_named(err: Exception, chosen: Sequence[str], current: Optional[str] = None) -> UserError:
+  """An error of the pruning engine, naming the tensor as torch does (``0.weight``, not the pytree's ``0/weight``).
+
+  jaxprune's pytree-level errors start with the leaf's path; one without it is about ``current``.
+  """
+  text = " ".join(str(err).split())
+  leaf = next((p for p in chosen if text.startswith(p + ": ")), None)
+  if leaf is not None:
+    text = text[len(leaf) + 2:]
+  leaf = leaf or current
+  return UserError(f"{leaf.replace('/', '.')}: {text}" if leaf else text)
+
+
 def _selector(include: Sequence[re.Pattern], exclude: Sequence[re.Pattern]):
   """``(path, leaf) -> bool`` on torch names (``conv1.weight``): the default weights, or what ``--include``
   matches, minus what ``--exclude`` matches."""
@@ -372,21 +517,27 @@ def cmd_prune(args, out: Output) -> None:
   masks = converted.masks  # an earlier pruning is continued, as torch's PruningContainer does: amounts are relative
   with out.progress("pruning", 1 if args.use_global else len(chosen)) as advance:
     if args.use_global:
-      masks = jaxprune.global_unstructured(converted.params, kwargs["amount"], masks=masks,
-                                           where=lambda path, _: path in chosen)
+      try:
+        masks = jaxprune.global_unstructured(converted.params, kwargs["amount"], masks=masks,
+                                             where=lambda path, _: path in chosen)
+      except (ValueError, IndexError) as err:
+        raise _torch_named(err, chosen) from err
       advance("global L1")
     else:
       key = jax.random.key(args.seed) if args.method == "random" else None
       for path in chosen:  # one leaf at a time for the progress bar; the key still folds in the leaf's index
-        masks = jaxprune.prune(converted.params, method, masks=masks, key=key,
-                               where=lambda p, _, path=path: p == path, **kwargs)
+        try:
+          masks = jaxprune.prune(converted.params, method, masks=masks, key=key,
+                                 where=lambda p, _, path=path: p == path, **kwargs)
+        except (ValueError, IndexError) as err:
+          raise _torch_named(err, chosen, path) from err
         advance(path.replace("/", "."))
   state_dict = interop.to_torch(converted.params, masks, converted.buffers, converted.spec,
                                 permanent=args.permanent,
                                 tensors="numpy" if args.output.endswith(SAFETENSORS) else "torch")
+  report = _report(state_dict, "torch")
   with out.status(f"writing {args.output}"):
     write_torch(state_dict, args.output)
-  report = _report(state_dict, "torch")
   described = ", ".join(f"{k}={v}" for k, v in kwargs.items())
   title = (f"{args.output}: {'global ' if args.use_global else ''}{method}({described}) on {len(chosen)} tensors"
            f"{', made permanent' if args.permanent else ''}")
@@ -402,12 +553,12 @@ def cmd_convert(args, out: Output) -> None:
   check_target(args.output, args.force)
   with out.status(f"reading {args.input}"):
     loaded = read_checkpoint(args.input, args.key)
+  report = _report(loaded.state_dict, args.layout)  # validates the whole checkpoint before anything is written
   with out.status(f"writing {args.output}"):
     if args.layout == "torch":
       write_torch(loaded.state_dict, args.output)
     else:
-      write_flax(loaded.state_dict, args.output, args.force)
-  report = _report(loaded.state_dict, args.layout)
+      write_flax(loaded.state_dict, args.output)
   kind = "Orbax directory" if os.path.isdir(args.output) else "file"
   out.emit({"input": args.input, "output": args.output, "from": loaded.layout, "to": args.layout, **report},
            f"{args.input} ({loaded.layout} layout) -> {args.output} ({args.layout} layout, {kind}): "
@@ -454,7 +605,7 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--n", type=_norm, metavar="N", help="ln: the norm (default 2); nm: the N kept of every M "
                  "(default 2)")
   p.add_argument("--m", type=int, default=None, metavar="M", help="nm: the group size M (default 4)")
-  p.add_argument("--seed", type=int, default=0, help="random: the PRNG seed (default 0)")
+  p.add_argument("--seed", type=_seed, default=0, help="random: the PRNG seed (default 0)")
   p.add_argument("--permanent", action="store_true", help="bake the masks in (torch's prune.remove): plain tensors "
                  "that load into an unpruned model")
   p.add_argument("--force", action="store_true", help="overwrite OUT if it exists")
@@ -480,14 +631,26 @@ def _one_line(err: BaseException) -> str:
   return text
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
-  """Runs the command line; returns the exit status (0, or 2 for a user error)."""
-  args = build_parser().parse_args(argv)
-  out = Output(args.json)
+def _negative_values(argv: Sequence[str]) -> list[str]:
+  """``--n -inf`` as ``--n=-inf``: argparse takes only numbers such as ``-1`` or ``-.5`` for values, and ``-inf``
+  for an unknown option."""
+  out: list[str] = []
+  for arg in argv:
+    if out and out[-1].startswith("--") and "=" not in out[-1] and arg.lower() in ("-inf", "-infinity"):
+      out[-1] += "=" + arg
+    else:
+      out.append(arg)
+  return out
+
+
+def _run(args, out: Output) -> int:
   try:
     args.run(args, out)
-  except KeyboardInterrupt:
-    return 130
+  except (KeyboardInterrupt, Signalled) as err:  # KeyboardInterrupt: SIGINT before the handlers are in place
+    signum = err.signum if isinstance(err, Signalled) else signal.SIGINT
+    print(f"jaxprune {args.command}: interrupted ({signal.Signals(signum).name}); nothing was written",
+          file=sys.stderr)
+    return 128 + signum
   except BrokenPipeError:  # output piped into `head` and the like: stop quietly, as Unix tools do
     os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error when Python flushes stdout
     return 1
@@ -498,3 +661,20 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     print(f"jaxprune {args.command}: error: {_one_line(err)}", file=sys.stderr)
     return EXIT_USER_ERROR
   return 0
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+  """Runs the command line; returns the exit status (0; 2 for a user error; 128 + the signal when interrupted).
+
+  Warnings (torch's are several lines long) are shown as one line each, after a command that succeeds; after an
+  error only the error is shown.
+  """
+  args = build_parser().parse_args(_negative_values(sys.argv[1:] if argv is None else argv))
+  out = Output(args.json)
+  with warnings.catch_warnings(record=True) as caught, _signals_raise():
+    warnings.simplefilter("default")
+    status = _run(args, out)
+  if status == 0:
+    for w in caught:
+      print(f"jaxprune {args.command}: warning: {_one_line(w.message)}", file=sys.stderr)
+  return status

@@ -12,8 +12,8 @@ recompiling. A leaf with sparsity ``s`` and ``n`` entries gets exactly ``round(s
   selected leaves together keep ``1 - sparsity`` of their entries; a layer whose density would exceed 1 is made
   dense and the rest is redistributed over the others, as in RigL's reference code.
 
-Both take ``overrides``: ``{path regex: sparsity}`` for leaves with a fixed sparsity of their own (the first
-pattern that matches a path wins). As in RigL's ``custom_sparsity_map``, such leaves are left out of the
+Both take ``overrides``: ``{path regex: sparsity}`` for selected leaves with a fixed sparsity of their own (the
+first pattern that matches a path wins). As in RigL's ``custom_sparsity_map``, such leaves are left out of the
 distribution: the others share the target among themselves.
 """
 from __future__ import annotations
@@ -45,8 +45,8 @@ def _selected(params: PyTree, where: Where, overrides: Overrides):
   plan = []
   for path, x in flat:
     name = path_str(path)
-    fixed = next((s for p, s in patterns if p.search(name)), None)
-    plan.append(fixed if fixed is not None else _SHARED if pick(name, x) else None)
+    fixed = next((s for p, s in patterns if p.search(name)), _SHARED)
+    plan.append(fixed if pick(name, x) else None)
   return [x for _, x in flat], treedef, plan
 
 
@@ -69,8 +69,7 @@ def uniform(params: PyTree, sparsity: Amount, *, where: Where = None, overrides:
     params: the params pytree (only shapes are read).
     sparsity: a fraction in [0, 1]; may be traced.
     where: which leaves get a budget (see :func:`jaxprune.selector`; default: kernels, ``ndim >= 2``).
-    overrides: ``{path regex: sparsity}``, first match wins; matching leaves get a budget even if ``where``
-      does not select them.
+    overrides: ``{path regex: sparsity}`` for some of the selected leaves, first match wins.
 
   Returns:
     A budget: a float32 scalar per selected leaf, None elsewhere.
@@ -97,7 +96,7 @@ def erk(params: PyTree, sparsity: Amount, *, where: Where = None, overrides: Ove
     params: the params pytree (only shapes are read).
     sparsity: the target sparsity of the selected, non-overridden leaves together; may be traced.
     where: which leaves get a budget (see :func:`jaxprune.selector`).
-    overrides: ``{path regex: sparsity}`` for leaves kept out of the distribution (first match wins).
+    overrides: ``{path regex: sparsity}`` for selected leaves kept out of the distribution (first match wins).
     kernel: True for ERK (all dimensions, so a conv's kernel size counts); False for Erdos-Renyi on the last two
       dimensions (``n_in``, ``n_out`` of a Flax kernel).
     power_scale: RigL's ``erk_power_scale``; 0 gives the uniform budget, 1 the paper's ERK.

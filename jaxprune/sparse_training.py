@@ -81,12 +81,6 @@ def drop_and_grow(weights: jax.Array, mask: jax.Array, grow_keys: jax.Array, fra
   return kept | selection.smallest([grow_keys], k, [~kept])[0]
 
 
-def _grow_keys(grow: Grow, key: Optional[jax.Array], gradient: jax.Array) -> jax.Array:
-  if grow == "random":
-    return selection.sortable_keys(jax.random.uniform(key, gradient.shape))
-  return ~selection.sortable_keys(jnp.abs(gradient))  # largest |g| first; ~ reverses the order of unsigned keys
-
-
 def _is_update_step(count: jax.Array, period: int, start: int, end: Optional[int]) -> jax.Array:
   now = (count >= start) & ((count - start) % period == 0)
   return now if end is None else now & (count < end)
@@ -169,14 +163,17 @@ def dynamic_sparse(inner: optax.GradientTransformation, masks: MasksLike, *, gro
     masked_at = [i for i, (m, p) in enumerate(zip(flat_masks, flat_params)) if is_masked(m, p)]
 
     def change(key):
-      key, sub = jax.random.split(key) if key is not None else (None, None)
-      grads = dense_grads() if callable(dense_grads) else updates if dense_grads is None else dense_grads
-      flat_grads = treedef.flatten_up_to(grads)
       fraction = fraction_at(state.count)
-      new = [drop_and_grow(flat_params[i], flat_masks[i],
-                           _grow_keys(grow, None if sub is None else jax.random.fold_in(sub, i), flat_grads[i]),
-                           fraction) for i in masked_at]
-      return new, key
+      if grow == "random":
+        key, sub = jax.random.split(key)
+        grow_keys = [selection.sortable_keys(jax.random.uniform(jax.random.fold_in(sub, i), np.shape(flat_params[i])))
+                     for i in masked_at]
+      else:
+        grads = treedef.flatten_up_to(dense_grads() if callable(dense_grads) else
+                                      updates if dense_grads is None else dense_grads)
+        # Largest |g| first: ~ reverses the order of unsigned keys.
+        grow_keys = [~selection.sortable_keys(jnp.abs(grads[i])) for i in masked_at]
+      return [drop_and_grow(flat_params[i], flat_masks[i], g, fraction) for i, g in zip(masked_at, grow_keys)], key
 
     # Only the real masks go through the cond: UNMASKED leaves stay NumPy scalars outside it.
     changed, new_key = lax.cond(now, change, lambda key: ([flat_masks[i] for i in masked_at], key), state.key)

@@ -149,7 +149,10 @@ def dynamic_sparse(inner: optax.GradientTransformation, masks: MasksLike, *, gro
   random_key = key if grow == "random" else None
 
   def init(params):
-    return DynamicSparseState(count=jnp.zeros([], jnp.int32), key=random_key, inner_state=masked.init(params))
+    # UNMASKED leaves are NumPy scalars; a jitted step returns them as jax arrays, and a step fed NumPy scalars
+    # first compiles a second executable. As arrays from the start, a Python loop over a jitted step compiles once.
+    inner_state = jax.tree.map(jnp.asarray, masked.init(params))
+    return DynamicSparseState(count=jnp.zeros([], jnp.int32), key=random_key, inner_state=inner_state)
 
   def update(updates, state, params=None, *, dense_grads: DenseGrads = None, **extra_args):
     if params is None:

@@ -274,6 +274,13 @@ def read_header(path: "os.PathLike[str] | str") -> Header:
   return Header(tensors, metadata, 8 + length)
 
 
+def _physical_memory() -> Optional[int]:
+  try:
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+  except (ValueError, OSError, AttributeError):  # not on every platform
+    return None
+
+
 def _read_exactly(f, out: np.ndarray, path: str, name: str) -> None:
   view = memoryview(out.reshape(-1).view(np.uint8))
   while view.nbytes:
@@ -292,12 +299,16 @@ def _read_safetensors(path: str) -> dict[str, np.ndarray]:
     order = None
   if not isinstance(order, list) or sorted(map(str, order)) != sorted(header.tensors):
     order = list(header.tensors)
-  arrays = {}
+  arrays, memory = {}, _physical_memory()
   with open(path, "rb") as f:
     for name, (dtype, shape, begin, end) in sorted(header.tensors.items(), key=lambda kv: kv[1][2]):
+      # A (sparse) file may hold a tensor larger than memory: refuse it rather than let the kernel's overcommit
+      # hand out memory that the read then cannot have.
       try:
+        if memory is not None and end - begin > memory:
+          raise MemoryError
         arrays[name] = devices.aligned_empty(shape, dtype)
-      except MemoryError:
+      except (MemoryError, OSError):  # mmap says ENOMEM with an OSError
         raise CheckpointError(f"{path}: tensor {name!r} ({end - begin:,} bytes) does not fit in memory") from None
       f.seek(header.data_start + begin)
       _read_exactly(f, arrays[name], path, name)
@@ -316,7 +327,9 @@ def _read_torch(path: str) -> Any:
     raise CheckpointError(f"{path} is a torch checkpoint; reading it needs torch (pip install 'jaxprune[torch]'), "
                           "or save it as safetensors") from err
   try:
-    return torch.load(path, map_location="cpu", weights_only=True)
+    # A file object, not the path: torch.load hands any path ending in .safetensors to safetensors, unchecked.
+    with open(path, "rb") as f:
+      return torch.load(f, map_location="cpu", weights_only=True)
   except pickle.UnpicklingError as err:
     reason = _torch_reason(err)
     if reason is None:

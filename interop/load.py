@@ -40,9 +40,9 @@ def _check_loadable(module, state_dict: Mapping[str, Any], targets: list, strict
       raise LayoutError(f"{key!r} has shape {tuple(value.shape)}, but the module's has shape {expected[key]}")
 
 
-def _unprune(sub, local: str) -> None:
+def _unprune(sub, local: str, order: list[str]) -> None:
   """Undoes ``custom_from_mask`` without touching the weight: ``X_orig`` (the very Parameter that was ``X``) goes
-  back under its name; torch's ``prune.remove`` would instead store ``X_orig * X_mask``."""
+  back under its name, at its place in ``order`` (torch's ``prune.remove`` would store ``X_orig * X_mask`` last)."""
   from torch.nn.utils import prune  # pylint: disable=import-outside-toplevel
   hooks = sub._forward_pre_hooks  # pylint: disable=protected-access
   for handle, hook in list(hooks.items()):
@@ -53,6 +53,9 @@ def _unprune(sub, local: str) -> None:
   if hasattr(sub, local):
     delattr(sub, local)
   sub.register_parameter(local, orig)
+  params = sub._parameters  # pylint: disable=protected-access
+  by_name = {name: params.pop(name) for name in list(params)}
+  params.update((name, by_name[name]) for name in order)
 
 
 def load_pruned(module, source: Any, *, strict: bool = True, key: Optional[str] = None):
@@ -99,12 +102,13 @@ def load_pruned(module, source: Any, *, strict: bool = True, key: Optional[str] 
   try:
     for sub, _, local, already, mask in targets:
       if not already:
+        order = list(sub._parameters)  # pylint: disable=protected-access
         prune.custom_from_mask(sub, local, mask=mask)
-        done.append((sub, local))
+        done.append((sub, local, order))
     module.load_state_dict(state_dict, strict=strict)
   except Exception as err:  # anything torch refuses that the checks above did not foresee: undo the pruning
-    for sub, local in reversed(done):
-      _unprune(sub, local)
+    for sub, local, order in reversed(done):
+      _unprune(sub, local, order)
     raise LayoutError(f"load_state_dict refused the state_dict: {' '.join(str(err).split())}") from err
   with torch.no_grad():  # a leaf tensor, so the module stays deep-copyable (spec §9)
     for sub, _, local, _, _ in targets:

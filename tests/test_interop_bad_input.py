@@ -201,3 +201,51 @@ def test_non_tensor_entries_name_the_wrapper_key(tmp_path):
   with pytest.raises(interop.CheckpointError, match="'epoch' is a int, not a tensor; pass key='state_dict'"):
     interop.load_state_dict(path)
   assert list(interop.load_state_dict(path, key="state_dict")) == list(_pruned_sd())
+
+
+def _fresh() -> nn.Sequential:
+  torch.manual_seed(1)
+  return nn.Sequential(nn.Linear(4, 3), nn.ReLU(), nn.Linear(3, 2))
+
+
+def _extra_key(sd):
+  sd["2.scale"] = torch.ones(2)
+
+
+def _missing_key(sd):
+  del sd["2.bias"]
+
+
+def _wrong_shape(sd):
+  sd["2.weight"] = torch.zeros(2, 5)
+
+
+@pytest.mark.parametrize("spoil", [_extra_key, _missing_key, _wrong_shape])
+def test_load_pruned_leaves_the_model_as_it_was_when_loading_fails(spoil):
+  """Issue 12.5: torch's loader copies what fits before it raises, and the pruning was already registered."""
+  model = _fresh()
+  before = {k: v.clone() for k, v in model.state_dict().items()}
+  sd = _pruned_sd()
+  spoil(sd)
+  with pytest.raises(interop.LayoutError, match="'2.scale'|'2.bias'|'2.weight'"):
+    interop.load_pruned(model, sd)
+  assert not prune.is_pruned(model) and list(model.state_dict()) == list(before)
+  assert interop.diff_state_dicts(model.state_dict(), before) == []
+  if spoil is not _wrong_shape:  # what does fit still loads when asked to
+    interop.load_pruned(model, sd, strict=False)
+    assert prune.is_pruned(model)
+
+
+def test_load_pruned_undoes_its_pruning_when_torch_refuses(monkeypatch):
+  """Past the checks, a refusal from torch itself (a custom loading hook, say) still leaves the model unpruned."""
+  model = _fresh()
+  weight = model[0].weight
+
+  def refuse(*_, **__):
+    raise RuntimeError("a hook refused it")
+
+  monkeypatch.setattr(model, "load_state_dict", refuse)
+  with pytest.raises(interop.LayoutError, match="a hook refused it"):
+    interop.load_pruned(model, _pruned_sd())
+  assert not prune.is_pruned(model) and model[0].weight is weight
+  assert [name for name, _ in model[0].named_parameters()] == ["weight", "bias"]

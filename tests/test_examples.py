@@ -125,3 +125,25 @@ def test_an_example_runs_as_a_script():
                         capture_output=True, text=True, timeout=300)
   assert proc.returncode == 0, proc.stderr
   assert "identical: True" in proc.stdout
+
+
+def test_sparse_training_keeps_exact_budgets_and_every_method_learns(tmp_path):
+  import sparse_training  # pylint: disable=import-outside-toplevel
+  from jaxprune import budgets  # pylint: disable=import-outside-toplevel
+  result = sparse_training.main(["--short", "--out", str(tmp_path)])
+  rows = {row["method"]: row for row in result["rows"]}
+  assert rows["dense"]["sparsity"] == 0.0 and rows["dense"]["accuracies"][0] >= 0.8
+  sizes = {"conv1": 150, "conv2": 2400, "fc1": 48000, "fc2": 10080, "fc3": 840}
+  # gradual magnitude: every layer at exactly round(0.9 n); the others at the ERK budget's exact counts
+  assert result["per_layer_live"]["gradual magnitude"] == [n - round(0.9 * n) for n in sizes.values()]
+  shapes = {"conv1": (5, 5, 1, 6), "conv2": (5, 5, 6, 16), "fc1": (400, 120), "fc2": (120, 84), "fc3": (84, 10)}
+  params = {name: {"kernel": np.zeros(shape)} for name, shape in shapes.items()}
+  erk = budgets.counts(params, budgets.erk(params, 0.9))
+  expected = [sizes[name] - erk[name]["kernel"] for name in shapes]
+  assert result["erk_counts"] == expected
+  for method in ("SNIP at init", "static random", "SET", "RigL"):
+    assert result["per_layer_live"][method] == expected, method
+    assert rows[method]["accuracies"][0] > 0.2, method  # well above chance (10%) after two epochs
+  assert rows["SET"]["live_counts_kept"] and rows["RigL"]["live_counts_kept"]
+  with open(result["plot"], "rb") as f:
+    assert f.read(8) == b"\x89PNG\r\n\x1a\n"

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import math
 import mmap
 import os
 import sys
@@ -36,6 +37,7 @@ _PARALLEL_MIN_BYTES = 1 << 22  # below this one thread is as fast as several
 _TILED_MIN_BYTES = 1 << 20  # below this (cache-sized) numpy's strided transpose is as fast as tiles
 _TILE_BYTES = 1 << 17  # one tile of a blocked transpose stays in L2
 _ALIGN = 64  # what XLA's CPU client needs to adopt host memory without copying
+_ALIGNED_MIN_BYTES = 1 << 16  # below this, copying costs less than aligning
 _FRESH_PAGES_MIN_BYTES = 1 << 21  # one transparent huge page; below it malloc and its recycled memory win
 
 
@@ -60,9 +62,15 @@ def dtype_name(x: Any) -> str:
   """The dtype of a torch tensor, numpy array or JAX array as torch and numpy both spell it (``"bfloat16"``)."""
   if is_torch_tensor(x):
     return str(x.dtype).removeprefix("torch.")
-  return np.dtype(x.dtype).name
+  return _name_of(np.dtype(x.dtype))
 
 
+@functools.lru_cache(maxsize=None)
+def _name_of(dtype: np.dtype) -> str:
+  return dtype.name  # computed in Python by numpy 2, at a cost that shows on checkpoints of many small tensors
+
+
+@functools.lru_cache(maxsize=None)
 def numpy_dtype(name: str) -> np.dtype:
   """The numpy dtype called ``name``, including the ml_dtypes ones JAX uses (bfloat16, float8_*)."""
   return jnp.dtype(name)
@@ -73,9 +81,9 @@ _NO_NUMPY_COUNTERPART = frozenset({"complex32", "float4_e2m1fn_x2"})
 another type, and torch packs two float4 values per byte."""
 
 
-def check_convertible(x: Any, key: str = "tensor") -> None:
+def check_convertible(x: Any, key: str = "tensor") -> str:
   """Refuses, naming ``key``, a tensor that cannot cross as a dense array of the same dtype and bits: sparse,
-  quantized or meta torch tensors, and dtypes numpy and JAX cannot hold.
+  quantized or meta torch tensors, and dtypes numpy and JAX cannot hold; returns its :func:`dtype_name`.
 
   Raises:
     DTypeError: saying what the tensor is and what to do about it.
@@ -90,12 +98,17 @@ def check_convertible(x: Any, key: str = "tensor") -> None:
     if x.device.type == "meta":
       raise DTypeError(f"{key!r} is a meta tensor: it has a shape but no data")
   name = dtype_name(x)
-  try:
-    known = name not in _NO_NUMPY_COUNTERPART and numpy_dtype(name) is not None
-  except TypeError:
-    known = False
-  if not known:
+  if not _has_numpy_counterpart(name):
     raise DTypeError(f"{key!r} has dtype {name}, which numpy and JAX cannot hold; cast it first")
+  return name
+
+
+@functools.lru_cache(maxsize=None)
+def _has_numpy_counterpart(name: str) -> bool:
+  try:
+    return name not in _NO_NUMPY_COUNTERPART and numpy_dtype(name) is not None
+  except TypeError:
+    return False
 
 
 def host_view(x: Any) -> np.ndarray:
@@ -185,7 +198,7 @@ def aligned_empty(shape: Sequence[int], dtype: Any) -> np.ndarray:
   otherwise; numpy itself only guarantees 16 bytes, which would cost a second copy of every tensor.
   """
   dtype = np.dtype(dtype)
-  nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+  nbytes = math.prod(shape) * dtype.itemsize
   if nbytes >= _FRESH_PAGES_MIN_BYTES and hasattr(mmap, "MADV_HUGEPAGE"):
     return _fresh_pages(nbytes).view(dtype).reshape(tuple(shape))
   raw = np.empty(nbytes + _ALIGN, np.uint8)
@@ -193,13 +206,22 @@ def aligned_empty(shape: Sequence[int], dtype: Any) -> np.ndarray:
   return raw[start:start + nbytes].view(dtype).reshape(tuple(shape))
 
 
+def host_empty(shape: Sequence[int], dtype: Any) -> np.ndarray:
+  """:func:`aligned_empty` where alignment pays (JAX adopts aligned memory without a copy), a plain ``np.empty``
+  below 64 KiB, where a copy costs less than aligning (a checkpoint of many small tensors shows the difference)."""
+  dtype = np.dtype(dtype)
+  if math.prod(shape) * dtype.itemsize < _ALIGNED_MIN_BYTES:
+    return np.empty(shape, dtype)
+  return aligned_empty(shape, dtype)
+
+
 def _by_rows(n: int, nbytes: int, fn: Callable[[slice], Any]) -> list:
   """``fn`` over row slices of ``range(n)``, one per core when ``nbytes`` is worth it (numpy releases the GIL).
 
   Copying into fresh memory is bound by page faults as much as by bandwidth; cores fault in parallel.
   """
-  workers = os.cpu_count() or 1
-  if nbytes < _PARALLEL_MIN_BYTES or n < 2 or workers == 1:
+  workers = 1 if nbytes < _PARALLEL_MIN_BYTES or n < 2 else os.cpu_count() or 1  # cpu_count is a syscall
+  if workers == 1:
     return [fn(slice(0, n))]
   bounds = np.linspace(0, n, min(n, workers) + 1).astype(int)
   return list(_pool().map(fn, [slice(a, b) for a, b in zip(bounds[:-1], bounds[1:])]))
@@ -251,13 +273,19 @@ def _x64_target(dtype: np.dtype, key: str) -> Optional[np.dtype]:
   64-bit integers are narrowed (exactly, checked by :func:`_check_range`); the torch dtype stays in the spec, so
   the way back restores it. 64-bit floats are refused: JAX would round them.
   """
-  target = jax.dtypes.canonicalize_dtype(dtype)
+  target = _canonical(dtype, jax.config.jax_enable_x64)
   if target == dtype:
     return None
   if dtype.kind in "iu":
     return target
   raise DTypeError(f"{key!r} is {dtype}, but jax_enable_x64 is off, so JAX would round it to {target}; "
                    "enable it with jax.config.update('jax_enable_x64', True) or cast the tensor first")
+
+
+@functools.lru_cache(maxsize=None)
+def _canonical(dtype: np.dtype, x64: bool) -> np.dtype:  # x64 in the key: the answer depends on it
+  del x64
+  return jax.dtypes.canonicalize_dtype(dtype)
 
 
 def _check_range(low: int, high: int, dtype: np.dtype, target: np.dtype, key: str) -> None:
@@ -369,7 +397,7 @@ def binary_mask_host(view: np.ndarray, key: str = "mask") -> np.ndarray:
   Raises:
     MaskError: naming ``key``, the first offending index and value, and how many values are offending.
   """
-  is_one = aligned_empty(view.shape, bool)
+  is_one = host_empty(view.shape, bool)
   if view.ndim == 0:
     binary = _count_binary(view, is_one)
   else:

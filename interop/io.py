@@ -206,13 +206,16 @@ def _sniff(path: str) -> str:
   raise CheckpointError(f"{path}: neither a torch checkpoint (zip or pickle) nor safetensors (first bytes {head!r})")
 
 
-def _unique_pairs(pairs: list) -> dict:
-  """``json.loads`` hook: a key given twice is an error (safetensors itself lets the last one win)."""
-  out = dict(pairs)
-  if len(out) != len(pairs):
-    seen = set()
-    twice = next(k for k, _ in pairs if k in seen or seen.add(k))
-    raise ValueError(f"key {twice!r} appears twice")
+def _object(value: Any, what: str) -> dict:
+  """A JSON object parsed with ``object_pairs_hook=list`` (a list of ``(key, value)`` tuples; a JSON array is a
+  list of other things) as a dict, refusing a key given twice (safetensors itself lets the last one win)."""
+  if type(value) is not list or not all(type(pair) is tuple for pair in value):  # pylint: disable=unidiomatic-typecheck
+    raise ValueError(f"{what} is not a JSON object")
+  out = dict(value)
+  if len(out) != len(value):
+    seen: set = set()
+    twice = next(k for k, _ in value if k in seen or seen.add(k))
+    raise ValueError(f"{what}: key {twice!r} appears twice")
   return out
 
 
@@ -224,18 +227,22 @@ class Header(NamedTuple):
   data_start: int
 
 
-def _tensor_entry(name: Any, info: Any, data_size: int) -> tuple[np.dtype, tuple[int, ...], int, int]:
-  if not isinstance(info, dict) or set(info) != {"dtype", "shape", "data_offsets"}:
+def _naturals(xs: Any) -> bool:
+  return type(xs) is list and all(type(x) is int for x in xs) and min(xs, default=0) >= 0  # pylint: disable=unidiomatic-typecheck
+
+
+def _tensor_entry(name: str, value: Any, data_size: int) -> tuple[np.dtype, tuple[int, ...], int, int]:
+  info = _object(value, f"entry {name!r}")
+  if info.keys() != {"dtype", "shape", "data_offsets"}:
     raise ValueError(f"entry {name!r} is not {{dtype, shape, data_offsets}}")
   code, shape, offsets = info["dtype"], info["shape"], info["data_offsets"]
   if not isinstance(code, str) or code not in SAFETENSORS_DTYPES:
     raise DTypeError(f"tensor {name!r} has dtype {code!r}, which numpy and JAX cannot hold (known: "
                      f"{', '.join(SAFETENSORS_DTYPES)})")
-  ints = lambda xs: isinstance(xs, list) and all(type(x) is int and x >= 0 for x in xs)  # noqa: E731
-  if not (ints(shape) and ints(offsets) and len(offsets) == 2):
+  if not (_naturals(shape) and _naturals(offsets) and len(offsets) == 2):
     raise ValueError(f"tensor {name!r} has shape {shape!r} and data_offsets {offsets!r}: expected lists of "
                      "non-negative integers")
-  dtype = devices.numpy_dtype(SAFETENSORS_DTYPES[code])
+  dtype = devices.numpy_dtype(SAFETENSORS_DTYPES[code])  # cached: one lookup per dtype, not per tensor
   begin, end = offsets
   if not begin <= end <= data_size or end - begin != math.prod(shape) * dtype.itemsize:
     raise ValueError(f"tensor {name!r} of dtype {code} and shape {tuple(shape)} has data_offsets {offsets}, which "
@@ -260,11 +267,10 @@ def read_header(path: "os.PathLike[str] | str") -> Header:
                             f"{size})")
     raw = f.read(length)
   try:
-    header = json.loads(raw.decode("utf-8"), object_pairs_hook=_unique_pairs)
-    if not isinstance(header, dict):
-      raise ValueError("the header is not a JSON object")
-    metadata = header.pop("__metadata__", None) or {}
-    if not (isinstance(metadata, dict) and all(isinstance(v, str) for v in metadata.values())):
+    # list, a C builtin, as the hook: a Python hook per object would cost more than the parse itself
+    header = _object(json.loads(raw.decode("utf-8"), object_pairs_hook=list), "the header")
+    metadata = _object(header.pop("__metadata__", []) or [], "__metadata__")
+    if not all(isinstance(v, str) for v in metadata.values()):
       raise ValueError("__metadata__ is not a map of strings")
     tensors = {name: _tensor_entry(name, info, size - 8 - length) for name, info in header.items()}
   except DTypeError as err:
@@ -290,7 +296,7 @@ def _read_exactly(f, out: np.ndarray, path: str, name: str) -> None:
     view = view[n:]
 
 
-def _read_safetensors(path: str) -> dict[str, np.ndarray]:
+def _read_safetensors(path: str) -> tuple[dict[str, np.ndarray], dict[str, str]]:
   header = read_header(path)
   order = header.metadata.get(KEYS_METADATA)
   try:
@@ -307,12 +313,12 @@ def _read_safetensors(path: str) -> dict[str, np.ndarray]:
       try:
         if memory is not None and end - begin > memory:
           raise MemoryError
-        arrays[name] = devices.aligned_empty(shape, dtype)
+        arrays[name] = devices.host_empty(shape, dtype)
       except (MemoryError, OSError):  # mmap says ENOMEM with an OSError
         raise CheckpointError(f"{path}: tensor {name!r} ({end - begin:,} bytes) does not fit in memory") from None
       f.seek(header.data_start + begin)
       _read_exactly(f, arrays[name], path, name)
-  return {name: arrays[name] for name in order}
+  return {name: arrays[name] for name in order}, header.metadata
 
 
 def _torch_reason(err: Exception) -> Optional[str]:
@@ -380,10 +386,18 @@ def load_state_dict(path: "os.PathLike[str] | str", *, key: Optional[str] = None
     CheckpointError: an empty, truncated, corrupt or unknown file, or one that holds no state_dict.
     DTypeError: a tensor numpy and JAX cannot hold (sparse, quantized, meta, complex32, float4, ...).
   """
+  return load_with_metadata(path, key=key)[0]
+
+
+def load_with_metadata(path: "os.PathLike[str] | str", *, key: Optional[str] = None
+                       ) -> tuple[dict[str, Any], dict[str, str]]:
+  """:func:`load_state_dict` and, from the same read of the header, the safetensors metadata (``{}`` for torch)."""
   path = os.fspath(path)
-  kind = _sniff(path)
-  obj = _read_safetensors(path) if kind == "safetensors" else _read_torch(path)
-  return _state_dict_of(obj, path, key)
+  if _sniff(path) == "safetensors":
+    obj, metadata = _read_safetensors(path)
+  else:
+    obj, metadata = _read_torch(path), {}
+  return _state_dict_of(obj, path, key), metadata
 
 
 def read_metadata(path: "os.PathLike[str] | str") -> dict[str, str]:

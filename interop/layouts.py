@@ -111,6 +111,11 @@ def _covers(rule: LayoutRule, names: Mapping, side: str) -> bool:
   return all(name in table and table[name].fits(ndim) for name, ndim in names.items())
 
 
+def rule_by_path(rules: Sequence[LayoutRule], path: str) -> Optional[LayoutRule]:
+  """The first rule whose ``where`` regex matches the module path, if any (such a rule is forced)."""
+  return next((r for r in (*rules, *BUILTIN_RULES) if r.where is not None and re.search(r.where, path)), None)
+
+
 def select_rule(rules: Sequence[LayoutRule], path: str, names: Mapping, *, types: Optional[Sequence[str]] = None,
                 side: str = "torch") -> tuple[Optional[LayoutRule], bool]:
   """The rule for the module at ``path`` and whether it was forced (``where`` or torch type) or inferred.
@@ -124,9 +129,9 @@ def select_rule(rules: Sequence[LayoutRule], path: str, names: Mapping, *, types
     side: ``"torch"`` or ``"flax"``, which names ``names`` holds.
   """
   candidates = (*rules, *BUILTIN_RULES)
-  for rule in candidates:
-    if rule.where is not None and re.search(rule.where, path):
-      return rule, True
+  rule = rule_by_path(rules, path)
+  if rule is not None:
+    return rule, True
   if types is not None:
     for rule in candidates:
       if rule.where is None and set(rule.torch_types) & set(types):

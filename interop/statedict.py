@@ -181,8 +181,7 @@ def _meta(state_dict: Mapping[str, Any]) -> dict[str, tuple[tuple[int, ...], str
   for key, value in state_dict.items():
     if not isinstance(key, str) or not hasattr(value, "shape") or not hasattr(value, "dtype"):
       raise InteropError(f"state_dict entry {key!r} is a {type(value).__name__}, not a tensor")
-    devices.check_convertible(value, key)
-    meta[key] = (tuple(value.shape), devices.dtype_name(value))
+    meta[key] = (tuple(value.shape), devices.check_convertible(value, key))
   return meta
 
 
@@ -261,12 +260,18 @@ def build_spec(meta: Meta, layout: str = "torch", rules: Sequence[layouts.Layout
   """
   _check_layout(layout)
   rows = _classify(meta, infos)
-  placed = {}
+  placed, by_kind = {}, {}
   for prefix, group in itertools.groupby(sorted(rows, key=lambda r: r[2]), key=lambda r: r[2]):
     group = list(group)
     names = {base: len(meta[key][0]) for key, role, _, base in group if role != "mask"}
     types = infos[prefix].types if infos is not None else None
-    rule, forced = layouts.select_rule(rules, prefix, names, types=types)
+    if layouts.rule_by_path(rules, prefix) is None:  # else the rule depends on the path, not only the kind
+      kind = (frozenset(names.items()), types)  # modules of one kind get one rule: looked up once per kind
+      if kind not in by_kind:
+        by_kind[kind] = layouts.select_rule(rules, prefix, names, types=types)
+      rule, forced = by_kind[kind]
+    else:
+      rule, forced = layouts.select_rule(rules, prefix, names, types=types)
     for key, role, _, base in group:
       shape = meta[key][0]
       tm = None if rule is None else rule.tensors.get(base)

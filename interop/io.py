@@ -206,16 +206,19 @@ def _sniff(path: str) -> str:
   raise CheckpointError(f"{path}: neither a torch checkpoint (zip or pickle) nor safetensors (first bytes {head!r})")
 
 
-def _object(value: Any, what: str) -> dict:
+def _object(value: Any, what: str, name: Any = None) -> dict:
   """A JSON object parsed with ``object_pairs_hook=list`` (a list of ``(key, value)`` tuples; a JSON array is a
-  list of other things) as a dict, refusing a key given twice (safetensors itself lets the last one win)."""
+  list of other things) as a dict, refusing a key given twice (safetensors itself lets the last one win).
+
+  ``what`` (``% name`` when given) names it in errors; it is formatted only then, as this runs once per tensor.
+  """
   if type(value) is not list or not all(type(pair) is tuple for pair in value):  # pylint: disable=unidiomatic-typecheck
-    raise ValueError(f"{what} is not a JSON object")
+    raise ValueError(f"{what if name is None else what % (name,)} is not a JSON object")
   out = dict(value)
   if len(out) != len(value):
     seen: set = set()
     twice = next(k for k, _ in value if k in seen or seen.add(k))
-    raise ValueError(f"{what}: key {twice!r} appears twice")
+    raise ValueError(f"{what if name is None else what % (name,)}: key {twice!r} appears twice")
   return out
 
 
@@ -232,7 +235,7 @@ def _naturals(xs: Any) -> bool:
 
 
 def _tensor_entry(name: str, value: Any, data_size: int) -> tuple[np.dtype, tuple[int, ...], int, int]:
-  info = _object(value, f"entry {name!r}")
+  info = _object(value, "entry %r", name)
   if info.keys() != {"dtype", "shape", "data_offsets"}:
     raise ValueError(f"entry {name!r} is not {{dtype, shape, data_offsets}}")
   code, shape, offsets = info["dtype"], info["shape"], info["data_offsets"]
@@ -368,7 +371,8 @@ def _state_dict_of(obj: Any, path: str, key: Optional[str]) -> dict[str, Any]:
       hint = f"; pass key={nested[0]!r} if the state_dict is in there" if nested else ""
       raise CheckpointError(f"{path}: entry {name!r} is a {type(value).__name__}, not a tensor{hint}")
     try:
-      devices.check_convertible(value, name)
+      if devices.is_torch_tensor(value):  # a safetensors header's dtypes were checked already
+        devices.check_convertible(value, name)
     except DTypeError as err:
       raise DTypeError(f"{path}: {err}") from None
   return dict(obj)

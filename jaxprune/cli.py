@@ -32,6 +32,7 @@ import os
 import re
 import signal
 import sys
+import threading
 import warnings
 from typing import Any, Callable, Iterator, NamedTuple, Optional, Sequence, Union
 
@@ -213,6 +214,9 @@ def _on_signal(signum: int, _frame) -> None:
 
 @contextlib.contextmanager
 def _signals_raise() -> Iterator[None]:
+  if threading.current_thread() is not threading.main_thread():  # only the main thread may set handlers
+    yield
+    return
   previous = {s: signal.signal(s, _on_signal) for s in _SIGNALS}
   try:
     yield

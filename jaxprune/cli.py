@@ -399,10 +399,22 @@ def _summary(report: dict) -> str:
 # Commands
 
 
+@contextlib.contextmanager
+def _naming(path: str) -> Iterator[None]:
+  """interop's errors about a checkpoint's content name the key; these also name the file it is in."""
+  import interop  # pylint: disable=import-outside-toplevel
+  try:
+    yield
+  except interop.InteropError as err:
+    text = " ".join(str(err).split())
+    raise type(err)(text if text.startswith(path) else f"{path}: {text}") from err
+
+
 def cmd_inspect(args, out: Output) -> None:
   with out.status(f"reading {args.path}"):
     loaded = read_checkpoint(args.path, args.key)
-    report = _report(loaded.state_dict, loaded.layout)
+    with _naming(args.path):
+      report = _report(loaded.state_dict, loaded.layout)
   out.emit({"path": args.path, **report},
            lambda: (_table(report, f"{args.path} ({loaded.layout} layout)"), _summary(report)))
 
@@ -508,7 +520,9 @@ def cmd_prune(args, out: Output) -> None:
   check_target(args.output, args.force)
   with out.status(f"reading {args.input}"):
     # Pruning happens in torch's layout, so --axis and --include mean what they mean to torch.
-    converted = interop.from_torch(read_checkpoint(args.input, args.key).state_dict, layout="torch")
+    state_dict = read_checkpoint(args.input, args.key).state_dict
+    with _naming(args.input):
+      converted = interop.from_torch(state_dict, layout="torch")
   pick = _selector(args.include, args.exclude)
   flat, _ = jax.tree_util.tree_flatten_with_path(converted.params)
   chosen = [path for path, leaf in ((jaxprune.path_str(p), x) for p, x in flat) if pick(path, leaf)]
@@ -555,7 +569,8 @@ def cmd_convert(args, out: Output) -> None:
   check_target(args.output, args.force)
   with out.status(f"reading {args.input}"):
     loaded = read_checkpoint(args.input, args.key)
-  report = _report(loaded.state_dict, args.layout)  # validates the whole checkpoint before anything is written
+  with _naming(args.input):
+    report = _report(loaded.state_dict, args.layout)  # validates the whole checkpoint before anything is written
   with out.status(f"writing {args.output}"):
     if args.layout == "torch":
       write_torch(loaded.state_dict, args.output)

@@ -85,7 +85,7 @@ def test_convert_to_torch_validates_before_writing(capsys, tmp_path, case, targe
   changes, key = BAD_STATE_DICTS[case]
   interop.save_state_dict(pruned_sd(**changes), tmp_path / "in.safetensors")
   fails(capsys, tmp_path, ["convert", tmp_path / "in.safetensors", tmp_path / target, "--layout", "torch"],
-        key)
+        "in.safetensors: ", key)
 
 
 @pytest.fixture(name="model")

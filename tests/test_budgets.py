@@ -19,7 +19,9 @@ LENET = {"conv1": (5, 5, 1, 6), "conv2": (5, 5, 6, 16), "fc1": (400, 120), "fc2"
 
 
 def _params(shapes):
-  return {name: {"kernel": jnp.zeros(shape), "bias": jnp.zeros(shape[-1])} for name, shape in shapes.items()}
+  # NumPy zeros: budgets read only shapes, and eager jnp.zeros would compile once per shape
+  return {name: {"kernel": np.zeros(shape, np.float32), "bias": np.zeros(shape[-1], np.float32)}
+          for name, shape in shapes.items()}
 
 
 def rigl_erk(shapes, sparsity, kernel=True, power=1.0):

@@ -306,7 +306,8 @@ def _read_safetensors(path: str) -> tuple[dict[str, np.ndarray], dict[str, str]]
     order = json.loads(order) if order is not None else None
   except ValueError:
     order = None
-  if not isinstance(order, list) or sorted(map(str, order)) != sorted(header.tensors):
+  if not (isinstance(order, list) and all(isinstance(k, str) for k in order)
+          and sorted(order) == sorted(header.tensors)):
     order = list(header.tensors)
   arrays, memory = {}, _physical_memory()
   with open(path, "rb") as f:

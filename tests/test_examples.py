@@ -130,7 +130,10 @@ def test_an_example_runs_as_a_script():
 def test_sparse_training_keeps_exact_budgets_and_every_method_learns(tmp_path):
   import sparse_training  # pylint: disable=import-outside-toplevel
   from jaxprune import budgets  # pylint: disable=import-outside-toplevel
-  result = sparse_training.main(["--short", "--out", str(tmp_path)])
+  # SET is left out: it differs from RigL only in the growth keys (tests/test_sparse_training.py covers them) and
+  # would compile one more training loop
+  methods = ["dense", "gradual magnitude", "SNIP at init", "static random", "RigL"]
+  result = sparse_training.main(["--short", "--out", str(tmp_path), "--methods", *methods])
   rows = {row["method"]: row for row in result["rows"]}
   assert rows["dense"]["sparsity"] == 0.0 and rows["dense"]["accuracies"][0] >= 0.3
   sizes = {"conv1": 150, "conv2": 2400, "fc1": 48000, "fc2": 10080, "fc3": 840}
@@ -141,10 +144,10 @@ def test_sparse_training_keeps_exact_budgets_and_every_method_learns(tmp_path):
   erk = budgets.counts(params, budgets.erk(params, 0.9))
   expected = [sizes[name] - erk[name]["kernel"] for name in shapes]
   assert result["erk_counts"] == expected
-  for method in ("SNIP at init", "static random", "SET", "RigL"):
+  for method in ("SNIP at init", "static random", "RigL"):
     assert result["per_layer_live"][method] == expected, method
     losses = result["epoch_losses"][method]
     assert losses[-1] < losses[0], method  # it learns (16 steps are too few for the accuracy to say much)
-  assert rows["SET"]["live_counts_kept"] and rows["RigL"]["live_counts_kept"]
+  assert rows["RigL"]["live_counts_kept"]
   with open(result["plot"], "rb") as f:
     assert f.read(8) == b"\x89PNG\r\n\x1a\n"

@@ -28,7 +28,6 @@ from the dense params whenever you like, with any method (``global_unstructured`
 """
 from __future__ import annotations
 
-import functools
 from typing import Any, Callable, Literal, NamedTuple, Optional, Union
 
 import jax
@@ -184,12 +183,13 @@ def dynamic_sparse(inner: optax.GradientTransformation, masks: MasksLike, *, gro
       flat_masks[i] = m
     new_masks = jax.tree.unflatten(treedef, flat_masks)
 
-    step = functools.partial(masked.update, updates, state.inner_state, params, **extra_args)
+    stepped = masked.update(updates, state.inner_state, params, masks=new_masks, **extra_args)
     if skip_gradients:
-      updates, inner_state = lax.cond(now, lambda m: _mask_change_only(updates, state.inner_state, params, m),
-                                      lambda m: step(masks=m), new_masks)
-    else:
-      updates, inner_state = step(masks=new_masks)
+      # Selects rather than a lax.cond around the step: they fuse into the optimizer's loops, where a cond
+      # would materialise the updates between the step and apply_updates (~20% of a step on CPU).
+      only = _mask_change_only(updates, state.inner_state, params, new_masks)
+      stepped = jax.tree.map(lambda a, b: jnp.where(now, a, b), only, stepped)
+    updates, inner_state = stepped
     return updates, DynamicSparseState(count=optax.safe_increment(state.count), key=new_key,
                                        inner_state=inner_state)
 

@@ -171,8 +171,8 @@ def prune_to(params: PyTree, budget: PyTree, method: Union[str, Callable] = "l1_
       out.append(UNMASKED if old is None else old)
       continue
     try:
-      live = _methods.live_count(_methods.check_mask(old, jnp.asarray(x)), int(np.size(x)))
-      k = jnp.maximum(num_to_prune(s, int(np.size(x))) - (np.size(x) - live), 0)
+      already = 0 if old is None else int(np.size(x)) - jnp.sum(old, dtype=jnp.int32)
+      k = jnp.maximum(num_to_prune(s, int(np.size(x))) - already, 0)
       if name == "random_unstructured":
         out.append(_methods.random_unstructured(jax.random.fold_in(key, i), x, k, mask=old))
       else:

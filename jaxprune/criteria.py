@@ -30,7 +30,6 @@ import numpy as np
 import optax
 
 from jaxprune import selection
-from jaxprune.methods import other_axes
 
 PyTree = Any
 
@@ -78,7 +77,7 @@ def taylor(params: PyTree, grads: PyTree, axis: int = -1, *, batched: bool = Fal
       return None
     channel_axis = int(axis) % np.ndim(w)
     lead = 1 if batched else 0
-    reduce = tuple(d + lead for d in other_axes(w, channel_axis))
+    reduce = tuple(d + lead for d in range(np.ndim(w)) if d != channel_axis)
     score = jnp.sum(w * g, axis=reduce, keepdims=True) ** 2
     return jnp.broadcast_to(_batch_mean(score, batched), np.shape(w))
   return jax.tree.map(leaf, params, grads)

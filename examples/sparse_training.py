@@ -3,8 +3,9 @@
 The same network, data, batches and number of steps for every method; only how the weights are chosen differs:
 
 * **dense**: no pruning (the reference);
-* **gradual magnitude** (Zhu & Gupta 2017): dense at first, then every layer pruned along a cubic schedule to
-  90% by L1 magnitude (:func:`jaxprune.scheduled_pruning`), then trained on;
+* **gradual magnitude** (Zhu & Gupta 2017): dense at first, then every layer pruned along a cubic schedule
+  (:func:`jaxprune.schedules.polynomial`, one step per epoch from 10% to 60% of the run) to 90% by L1 magnitude,
+  then trained on;
 * **SNIP at init** (Lee et al. 2019): one pruning before any training, by ``|w * g|`` on four mini-batches
   (:func:`jaxprune.criteria.snip`), at the ERK budget;
 * **static random**: a random mask at the ERK budget, fixed for the whole run (the baseline sparse-from-scratch
@@ -16,10 +17,12 @@ The same network, data, batches and number of steps for every method; only how t
 
 The sparse-from-scratch methods use the Erdos-Renyi-Kernel budget (:func:`jaxprune.budgets.erk`): 90% of all
 kernel weights pruned, small layers kept denser. Every layer keeps its exact count of live weights all along.
-Each method's whole run is one ``lax.scan`` in one ``jit``; dense, SNIP and static share one compiled loop (the
-masks are a traced argument), and each seed reuses the compiled loops.
+Each epoch is one ``lax.scan`` in one compiled call. Dense, gradual magnitude, SNIP and static random share one
+compiled loop (the masks are a traced argument; gradual pruning prunes between epochs with
+:func:`jaxprune.budgets.prune_to` at a uniform budget), SET and RigL compile one each, and every seed reuses them.
 
-Run: ``python examples/sparse_training.py`` (a few minutes on a 2-core CPU; ``--short`` for the CI smoke run).
+Run: ``python examples/sparse_training.py`` (12 minutes on a loaded 2-core CPU, training dominating;
+``--short`` for the CI smoke run, ``--methods`` for a subset).
 """
 from __future__ import annotations
 

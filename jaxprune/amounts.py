@@ -80,15 +80,45 @@ def num_to_prune(amount: Amount, size: Count) -> Count:
       return int(amount)
     return int(round(amount * size))
   size_concrete = not _is_traced(size)
+  # int32 unless the caller counts in 64 bits (the selection does, under a local x64, for models past 2^31).
+  count = jax.dtypes.canonicalize_dtype(np.int64)
   if isinstance(amount, numbers.Integral) or (
       isinstance(amount, (jax.Array, np.ndarray)) and jnp.issubdtype(amount.dtype, jnp.integer)):
     if size_concrete and not _is_traced(amount) and int(amount) > int(size):
       raise ValueError(f"amount={amount} should be smaller than the number of parameters to prune={int(size)}")
-    return jnp.clip(jnp.asarray(amount, jnp.int32), 0, jnp.asarray(size, jnp.int32))
+    return jnp.clip(jnp.asarray(amount).astype(count), 0, jnp.asarray(size).astype(count))
   dtype = _product_dtype(amount)
   # Rounding half-to-even of the double product decides ties such as 0.3 * 5 = 1.4999999999999998 -> 1.5 -> 2;
   # float32 would not reproduce it, so the product is formed in float64 even when x64 is off.
   with jax.enable_x64(True):
     product = jnp.asarray(amount, dtype) * jnp.asarray(size).astype(dtype)
-    k = jnp.round(jnp.clip(product, 0, None)).astype(jnp.int32)
-  return jnp.minimum(k, jnp.asarray(size, jnp.int32))
+    k = jnp.round(jnp.clip(product, 0, None)).astype(jnp.int64)
+    k = jnp.minimum(k, jnp.asarray(size).astype(jnp.int64))
+  return k if count == np.int64 else k.astype(count)
+
+
+def as_argument(amount: Amount):
+  """``amount`` as a jit argument that keeps its exact value: a Python float stays a double, an int stays 64-bit.
+
+  jit turns a Python float argument into float32 when x64 is off, which would change torch's rounding; the bits
+  are passed instead and :func:`from_argument` rebuilds the number inside the program.
+  """
+  if isinstance(amount, (jax.Array, np.ndarray)) and not isinstance(amount, np.generic) and _is_traced(amount):
+    return amount
+  value = amount.item() if isinstance(amount, (jax.Array, np.ndarray)) and amount.ndim == 0 \
+      and not isinstance(amount, np.generic) else amount
+  if isinstance(amount, np.floating) and amount.dtype.itemsize < 8:
+    return {"float": np.asarray(amount)}  # torch multiplies a NumPy float in its own precision
+  if isinstance(value, numbers.Integral):
+    return {"int64": np.frombuffer(np.int64(value).tobytes(), np.uint32).copy()}
+  return {"float64": np.frombuffer(np.float64(value).tobytes(), np.uint32).copy()}
+
+
+def from_argument(arg) -> Amount:
+  """The amount that :func:`as_argument` encoded; call it under ``jax.enable_x64(True)``."""
+  if not isinstance(arg, dict):
+    return arg
+  (kind, value), = arg.items()
+  if kind == "float":
+    return value
+  return jax.lax.bitcast_convert_type(value, jnp.int64 if kind == "int64" else jnp.float64)

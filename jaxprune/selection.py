@@ -1,31 +1,43 @@
-"""Exact k-smallest selection in O(n), jittable with a traced k, over one array or many (spec §4, §6).
+"""Exact k-smallest selection in O(n), jittable with traced counts, over any number of arrays at once (spec §4, §6).
 
 ``torch.topk`` sorts; jaxprune does not. Every score is mapped to an unsigned integer key whose order is the
-order torch's comparator uses (NaN above +inf, -0.0 equal to +0.0). The k-th smallest key is then found digit by
-digit from 16-bit histograms: two passes for 32-bit keys, four for 64-bit ones. Histograms are summed across
-arrays, so a global ranking over a pytree, or over shards of a sharded array, exchanges only counts, never the
-scores themselves.
+order torch's comparator uses (NaN above +inf, -0.0 equal to +0.0), by integer operations on its bits only, so
+subnormal scores rank exactly even where the hardware flushes them to zero. The k-th smallest key is then found
+digit by digit from histograms: two passes of 16-bit digits for 32-bit keys, four for 64-bit ones.
+
+One ranking, many arrays. The arrays of a call are laid end to end in one buffer and every pass builds one
+histogram of that buffer, so the program's size does not grow with the number of arrays beyond one copy in and
+one compare out per array. Arrays may belong to different *segments*, each with its own ``k``: a global prune is
+one segment, a local prune of a whole model one segment per leaf, still one buffer and one histogram per pass
+(with 8-bit digits when there are many segments, so the histogram stays small). The histogram is a
+custom-partitioned op: on sharded arrays each device bins its own shards and the devices sum one histogram per
+pass, so neither the collectives nor the bytes exchanged grow with the number of arrays, and no score crosses
+devices.
 
 Ties at the k-th key are broken by position: among equal keys, the lowest position is pruned first, positions
 running through the arrays in the order given and row-major inside each. torch leaves this case to libstdc++'s
 introselect internals (spec §4); we pick one documented, deterministic rule instead. Choosing the lowest tied
-positions is itself a k-smallest selection, over positions: two more histogram passes, run (under ``lax.cond``)
-only when the tied entries straddle k.
+positions is itself a k-smallest selection, over positions, run (under ``lax.cond``) only when tied entries
+straddle k.
+
+Counts, ``k`` and positions are 64-bit inside the selection (it traces under a local ``jax.enable_x64``), so
+models beyond 2^31 entries count exactly without the caller enabling x64.
 """
 from __future__ import annotations
 
 import functools
+import itertools
 from typing import Optional, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
+from jax.experimental.custom_partitioning import custom_partitioning
+from jax.sharding import NamedSharding, PartitionSpec
 
-from jaxprune.amounts import Count
-
-_DIGIT_BITS = 16
-_BUCKETS = 1 << _DIGIT_BITS
+_HISTOGRAM_LIMIT = 1 << 20  # buckets of one pass, all segments together: 4 MiB of int32
+_SCATTER_CHUNKS = 4
 
 
 def _key_dtype(dtype) -> np.dtype:
@@ -50,106 +62,309 @@ def score_dtype(dtypes: Sequence) -> np.dtype:
   raise TypeError(f"cannot rank scores of dtype {dtype}: expected a real floating or integer dtype")
 
 
-@functools.partial(jax.jit, static_argnames="dtype")
-def sortable_keys(scores: jax.Array, dtype=None) -> jax.Array:
-  """Maps ``scores`` to unsigned keys that sort like torch's topk comparator (NaN largest, -0.0 == +0.0).
+def _float_bits(x: jax.Array, dtype: np.dtype) -> jax.Array:
+  """The bits of ``x`` as a ``dtype`` float, widened without a float operation where the bits allow it."""
+  udtype = _key_dtype(dtype)
+  if x.dtype == jnp.bfloat16 and dtype == np.float32:  # bf16 is the top half of an f32: exact, subnormals too
+    return lax.bitcast_convert_type(x, jnp.uint16).astype(udtype) << np.array(16, udtype)
+  return lax.bitcast_convert_type(x.astype(dtype), udtype)
+
+
+@functools.partial(jax.jit, static_argnames=("dtype", "magnitude"))
+def sortable_keys(scores: jax.Array, dtype=None, magnitude: bool = False) -> jax.Array:
+  """Maps ``scores`` (or ``|scores|``) to unsigned keys that sort like torch's topk comparator.
+
+  NaN ranks above +inf (every NaN alike), -0.0 equals +0.0, and subnormals keep their order: floats are mapped
+  through their bits, never through a float comparison that the CPU may flush to zero.
 
   Args:
     scores: real floating or integer scores.
     dtype: the common score dtype (see :func:`score_dtype`); defaults to the one of ``scores``.
+    magnitude: rank ``|scores|`` instead (the sign bit is cleared, so ``|x|`` is exact for subnormals too).
   """
   dtype = score_dtype([scores.dtype]) if dtype is None else np.dtype(dtype)
   udtype = _key_dtype(dtype)
-  top = np.array(1, udtype) << np.array(8 * udtype.itemsize - 1, udtype)
-  x = scores.astype(dtype)
+  nbits = 8 * udtype.itemsize
+  top = np.array(1, udtype) << np.array(nbits - 1, udtype)
   if jnp.issubdtype(dtype, jnp.floating):
-    x = jnp.where(x == 0, jnp.zeros((), dtype), x)
-    bits = lax.bitcast_convert_type(x, udtype)
+    bits = _float_bits(scores, dtype)
+    unsigned = bits & ~top
+    if magnitude:
+      bits = unsigned
+    inf_bits = np.array(np.frombuffer(np.array(np.inf, dtype).tobytes(), udtype)[0], udtype)
     keys = jnp.where((bits & top) != 0, ~bits, bits | top)
-    nan_key = np.array(np.iinfo(udtype).max, udtype) >> np.array(1, udtype) | top  # above +inf's key
-    return jnp.where(jnp.isnan(x), nan_key - np.array(1, udtype), keys)
+    keys = jnp.where(unsigned == 0, top, keys)  # -0.0 == +0.0
+    return jnp.where(unsigned > inf_bits, _sentinel(udtype) - np.array(1, udtype), keys)  # NaN: above +inf's key
+  x = jnp.abs(scores.astype(dtype)) if magnitude else scores.astype(dtype)
   bits = lax.bitcast_convert_type(x, udtype)
   return bits ^ top if jnp.issubdtype(dtype, jnp.signedinteger) else bits
 
 
-def smallest(keys: Sequence[jax.Array], k: Count,
-             candidates: Optional[Sequence[Optional[jax.Array]]] = None) -> list[jax.Array]:
-  """Boolean arrays marking exactly the ``k`` smallest keys among the candidates.
+def smallest(keys: Sequence[jax.Array], k, candidates: Optional[Sequence[Optional[jax.Array]]] = None,
+             segments: Optional[Sequence[int]] = None) -> list[jax.Array]:
+  """Boolean arrays marking exactly the ``k`` smallest keys among the candidates (of each segment).
 
   Args:
     keys: unsigned key arrays from :func:`sortable_keys`, all of one dtype, any shapes.
-    k: how many to mark; a Python int or a traced integer scalar, ``0 <= k <= number of candidates``.
+    k: how many to mark: a Python int or an integer scalar (traced or not) with one segment; with several, a
+      sequence or vector of one count per segment. ``0 <= k <= number of candidates`` (of the segment).
     candidates: per array, a bool array of its shape (True = may be selected) or None (all may).
+    segments: per array, the index of the segment it is ranked in (default: all in segment 0). Positions, and
+      so ties, run through the arrays in the order given, whatever their segments.
 
   Returns:
     For each array, a bool array of its shape, True at the selected entries.
   """
-  candidates = [None] * len(keys) if candidates is None else list(candidates)
-  if not keys or sum(key.size for key in keys) == 0 or (isinstance(k, int) and k == 0):
-    return [jnp.zeros(key.shape, bool) for key in keys]
-  return _smallest(tuple(keys), jnp.asarray(k, jnp.int32), tuple(candidates))
+  return _select(keys, k, candidates, segments, None)
 
 
-@jax.jit
-def _smallest(keys: tuple[jax.Array, ...], k: jax.Array, candidates: tuple[Optional[jax.Array], ...]):
-  # Jitted so that an eager call compiles once per shape, and a new amount (a traced k) never recompiles.
-  # Every step is elementwise in each key array's own shape, or a reduction of it: nothing is raveled, so a
-  # sharded array keeps its sharding and only histograms and counts cross devices.
-  sentinel = _sentinel(keys[0].dtype)  # never selected: above every real key
-  live = [key if c is None else jnp.where(c, key, sentinel) for key, c in zip(keys, candidates)]
-  threshold, below, ties = _kth_smallest(live, k)
-  take = k - below  # how many entries equal to the threshold are selected
+def smallest_magnitudes(scores: Sequence[jax.Array], k, candidates: Optional[Sequence[Optional[jax.Array]]] = None,
+                        segments: Optional[Sequence[int]] = None) -> list[jax.Array]:
+  """:func:`smallest` of the keys of ``|scores|``, ranked together in their common :func:`score_dtype`.
 
-  offsets = np.cumsum([0] + [key.size for key in live])
-  total = np.uint32(offsets[-1])
-  # Recomputed at each use: a shared list would be materialised (4 bytes per entry) instead of fused.
-  positions = lambda: [(_row_major_index(key.shape) + int(off)).astype(jnp.uint32) for key, off in zip(live, offsets)]
+  The keys are formed once the scores are laid end to end, so the program holds one key computation, not one
+  per array.
+  """
+  return _select(scores, k, candidates, segments, str(score_dtype([jnp.result_type(s) for s in scores])))
 
-  def past_lowest_tied_positions(_):
-    # The `take` lowest positions among the tied entries are themselves a k-smallest selection.
-    tied = [jnp.where(key == threshold, pos, _sentinel(np.uint32)) for key, pos in zip(live, positions())]
-    return _kth_smallest(tied, take)[0] + np.uint32(1)
 
-  cutoff = lax.cond((take != ties) & (take > 0), past_lowest_tied_positions,
-                    lambda _: jnp.where(take > 0, total, np.uint32(0)), None)
-  return [(key < threshold) | ((key == threshold) & (pos < cutoff)) for key, pos in zip(live, positions())]
+def _select(values, k, candidates, segments, magnitudes_of: Optional[str]) -> list[jax.Array]:
+  values = tuple(jnp.asarray(v) for v in values)
+  candidates = (None,) * len(values) if candidates is None else tuple(candidates)
+  segments = (0,) * len(values) if segments is None else tuple(int(s) for s in segments)
+  if not values or sum(v.size for v in values) == 0:
+    return [jnp.zeros(v.shape, bool) for v in values]
+  num_segments = max(segments) + 1
+  with jax.enable_x64(True):
+    k = jnp.reshape(jnp.asarray(k, jnp.int64), (-1,))
+  if k.shape[0] != num_segments:
+    raise ValueError(f"expected one count per segment ({num_segments}), got {k.shape[0]}")
+  return _smallest(values, k, candidates, segments, magnitudes_of)
+
+
+def _keys_of(values: jax.Array, magnitudes_of: Optional[str]) -> jax.Array:
+  return values if magnitudes_of is None else sortable_keys(values, np.dtype(magnitudes_of), magnitude=True)
+
+
+@functools.partial(jax.jit, static_argnames=("segments", "magnitudes_of"))
+def _smallest(values: tuple[jax.Array, ...], k: jax.Array, candidates: tuple[Optional[jax.Array], ...],
+              segments: tuple[int, ...], magnitudes_of: Optional[str]) -> list[jax.Array]:
+  # Jitted so that an eager call compiles once per structure, and a new amount (a traced k) never recompiles.
+  with jax.enable_x64(True):
+    k = k.astype(jnp.int64)
+    cands = tuple(c for c in candidates if c is not None)
+    has_cands = tuple(c is not None for c in candidates)
+    threshold, below, ties = _run_op("keys", segments, magnitudes_of, has_cands, k, *values, *cands)
+    take = k - below  # per segment, how many entries equal to the threshold are selected
+    offsets = np.cumsum([0] + [v.size for v in values])
+    pos_dtype = _position_dtype(int(offsets[-1]))
+
+    def lowest_tied_cutoff(_):
+      # The `take` lowest positions among the tied entries are themselves a k-smallest selection.
+      cutoff = _run_op("positions", segments, magnitudes_of, has_cands, take, threshold, *values, *cands)
+      return cutoff + np.array(1, pos_dtype)
+
+    def no_cutoff(_):
+      return jnp.where(take > 0, np.array(offsets[-1], pos_dtype), np.array(0, pos_dtype))
+
+    straddles = (take != ties) & (take > 0)
+    cutoff = lax.cond(jnp.any(straddles), lowest_tied_cutoff, no_cutoff, None)
+    cutoff = jnp.where(straddles, cutoff, no_cutoff(None)).astype(jnp.int64)
+    # Per array, how many of its own leading positions the cutoff covers: a row-major index below it is selected.
+    local_cutoff = [jnp.clip(cutoff[s] - int(off), 0, v.size) for v, s, off in zip(values, segments, offsets)]
+    thresholds = [threshold[s] for s in segments]
+  out = []
+  for value, c, thr, local in zip(values, candidates, thresholds, local_cutoff):
+    key = _keys_of(value, magnitudes_of)
+    index_dtype = jnp.int32 if value.size < np.iinfo(np.int32).max else jnp.int64
+    with jax.enable_x64(index_dtype == jnp.int64):
+      index = _positions(value.shape, 0, index_dtype)
+      chosen = (key < thr) | ((key == thr) & (index < local.astype(index_dtype)))
+    out.append(chosen if c is None else chosen & c)
+  return out
 
 
 def _sentinel(udtype) -> np.ndarray:
   return np.array(np.iinfo(udtype).max, udtype)
 
 
-def _kth_smallest(keys: Sequence[jax.Array], k: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
-  """The k-th smallest key (1-based), how many keys lie below it and how many equal it, digit by digit."""
-  udtype = keys[0].dtype
-  below = jnp.int32(0)  # how many keys lie below the prefix found so far
-  prefix = jnp.zeros((), udtype)
+def _position_dtype(total: int) -> np.dtype:
+  return np.dtype(np.uint32) if total < np.iinfo(np.uint32).max else np.dtype(np.uint64)
+
+
+def _positions(shape: tuple[int, ...], offset, dtype, starts: Sequence = (), full: Sequence[int] = ()) -> jax.Array:
+  """Each entry's row-major position plus ``offset``, from iotas (so it shards like an array of ``shape``).
+
+  ``starts`` and ``full`` place a shard: its first index along each axis and the whole array's shape.
+  """
+  full = tuple(full) or shape
+  strides = [int(np.prod(full[d + 1:], dtype=np.int64)) for d in range(len(shape))]
+  pos = jnp.full(shape, offset, dtype)
+  for d, stride in enumerate(strides):
+    index = lax.broadcasted_iota(dtype, shape, d)
+    if starts:
+      index = index + starts[d].astype(dtype)
+    pos = pos + index * np.array(stride, dtype)
+  return pos
+
+
+def _digit_bits(num_segments: int) -> int:
+  return 16 if num_segments << 16 <= _HISTOGRAM_LIMIT else 8
+
+
+@functools.cache
+def _select_op(mode: str, segments: tuple[int, ...], magnitudes_of: Optional[str], has_cands: tuple[bool, ...]):
+  """The radix selection as one custom-partitioned op.
+
+  ``op(k, *values, *candidates)`` gives, per segment, the k-th smallest key, how many keys lie below it and how
+  many equal it (``mode="keys"``); ``op(k, tied_at, *values, *candidates)`` gives the k-th smallest position among
+  the keys equal to ``tied_at`` (``mode="positions"``). Values are keys, or scores whose magnitude keys are formed
+  after the values are laid end to end (``magnitudes_of``, their common dtype).
+  """
+  scalars = 1 if mode == "keys" else 2
+  count = len(segments)
+  num_segments = max(segments) + 1
+
+  def run(k, operands, starts=None, full_shapes=None, owned=None, reduce=lambda h: h):
+    with jax.enable_x64(True):
+      tied_at = operands[0] if mode == "positions" else None
+      values = [v.reshape(1) if v.ndim == 0 else v for v in operands[scalars - 1:][:count]]
+      cands = iter(operands[scalars - 1 + count:])
+      concat = lambda parts: jnp.concatenate(parts) if len(parts) > 1 else parts[0]
+      keys = _keys_of(concat([v.ravel() for v in values]), magnitudes_of)
+      sentinel = _sentinel(keys.dtype)
+      if any(has_cands):
+        live = concat([next(cands).ravel() if has else jnp.ones(v.size, bool) for v, has in zip(values, has_cands)])
+        keys = jnp.where(live, keys, sentinel)
+      if owned is not None:  # a replica that another device already counts
+        keys = jnp.where(concat([jnp.full(v.size, o) for v, o in zip(values, owned)]), keys, sentinel)
+      segment_of = None
+      if num_segments > 1:
+        small = np.uint8 if num_segments <= 256 else np.int32
+        segment_of = concat([jnp.full(v.size, s, small) for v, s in zip(values, segments)])
+      if tied_at is not None:
+        shapes = full_shapes or [v.shape for v in values]
+        offsets = np.cumsum([0] + [int(np.prod(s, dtype=np.int64)) for s in shapes])
+        pos_dtype = _position_dtype(int(offsets[-1]))
+        if starts is None:  # laid end to end, an entry's position is its index in the buffer
+          pos = lax.iota(pos_dtype, keys.size)
+        else:
+          pos = concat([_positions(v.shape, off, pos_dtype, st, full).ravel()
+                        for v, off, st, full in zip(values, offsets, starts, shapes)])
+        own = tied_at[0] if segment_of is None else tied_at[segment_of]
+        keys = jnp.where(keys == own, pos, _sentinel(pos_dtype))
+      return _radix_select(keys, segment_of, num_segments, k, reduce, positions=tied_at is not None)
+
+  op = custom_partitioning(lambda k, *operands: run(k, operands))
+
+  def infer(mesh, arg_shapes, result_shape):
+    return jax.tree.map(lambda _: NamedSharding(mesh, PartitionSpec()), result_shape)
+
+  def partition(mesh, arg_shapes, result_shape):
+    shardings = [arg.sharding for arg in arg_shapes]
+    arg_shardings = tuple(NamedSharding(mesh, PartitionSpec()) for _ in range(scalars)) + tuple(
+        NamedSharding(mesh, s.spec) for s in shardings[scalars:])
+    specs = [s.spec for s in arg_shardings[scalars:scalars + count]]
+    full_shapes = [arg.shape for arg in arg_shapes[scalars:scalars + count]]
+    axes = tuple(mesh.axis_names)
+
+    def lower(k, *operands):
+      starts, owned = [], []
+      with jax.enable_x64(True):
+        for spec, local in zip(specs, operands[scalars - 1:][:count]):
+          used = [_spec_axes(entry) for entry in tuple(spec) + (None,) * (local.ndim - len(spec))]
+          starts.append([_shard_index(mesh, names) * np.int64(n) for names, n in zip(used, local.shape)])
+          # A shard replicated over a mesh axis is counted by the devices at index 0 of that axis only.
+          owned.append(functools.reduce(jnp.logical_and, [lax.axis_index(name) == 0 for name in axes
+                                                          if not any(name in names for names in used)],
+                                        jnp.ones((), bool)))
+      return run(k, operands, starts=starts, full_shapes=full_shapes, owned=owned,
+                 reduce=lambda h: lax.psum(h, axes))
+
+    return mesh, lower, infer(mesh, arg_shapes, result_shape), arg_shardings
+
+  def rule(mesh, arg_shapes, result_shape):
+    # Every dimension its own factor: nothing relates the operands' shardings to each other or to the results.
+    factors = (f"f{i}" for i in itertools.count())
+    dims = [" ".join(next(factors) for _ in arg.shape) for arg in arg_shapes]
+    return ", ".join(dims) + " -> " + ", ".join(next(factors) for _ in jax.tree.leaves(result_shape))
+
+  op.def_partition(infer_sharding_from_operands=infer, partition=partition, sharding_rule=rule)
+  return op
+
+
+def _run_op(mode: str, segments, magnitudes_of, has_cands, *args):
+  op = _select_op(mode, segments, magnitudes_of, has_cands)
+  mesh = jax.sharding.get_abstract_mesh()
+  if not mesh.empty and mesh.explicit_axes:
+    # The op is partitioned from its operands' shardings, which explicit axes would pin in its traced body.
+    outputs = PartitionSpec() if mode == "positions" else (PartitionSpec(),) * 3
+    op = jax.sharding.auto_axes(op, axes=mesh.explicit_axes, out_sharding=outputs)
+  return op(*args)
+
+
+def _spec_axes(entry) -> tuple[str, ...]:
+  if entry is None:
+    return ()
+  return (entry,) if isinstance(entry, str) else tuple(entry)
+
+
+def _shard_index(mesh, names: tuple[str, ...]) -> jax.Array:
+  """This device's shard index along an array axis split over the mesh axes ``names`` (major first)."""
+  index = jnp.zeros((), jnp.int64)
+  for name in names:
+    index = index * mesh.shape[name] + lax.axis_index(name).astype(jnp.int64)
+  return index
+
+
+def _radix_select(keys: jax.Array, segment_of: Optional[jax.Array], num_segments: int, k: jax.Array, reduce,
+                  positions: bool):
+  """Digit-by-digit k-th smallest of the 1-d unsigned ``keys``, per segment (``segment_of``: each key's)."""
+  udtype = keys.dtype
+  bits = _digit_bits(num_segments)
+  buckets = 1 << bits
+  count_dtype = jnp.int32 if keys.size < np.iinfo(np.int32).max else jnp.int64
+  below = jnp.zeros(num_segments, jnp.int64)
+  prefix = jnp.zeros(num_segments, udtype)
   nbits = 8 * np.dtype(udtype).itemsize
-  digit_mask = np.array(_BUCKETS - 1, udtype)
-  for shift in range(nbits - _DIGIT_BITS, -1, -_DIGIT_BITS):
-    shift_u = np.array(shift, udtype)
-    if shift == nbits - _DIGIT_BITS:
-      digits = [(key >> shift_u).astype(jnp.int32) for key in keys]
-    else:
-      high = np.array(shift + _DIGIT_BITS, udtype)
-      digits = [jnp.where((key >> high) == (prefix >> high), ((key >> shift_u) & digit_mask).astype(jnp.int32),
-                          _BUCKETS) for key in keys]
-    hist = sum(jnp.zeros(_BUCKETS + 1, jnp.int32).at[d].add(1, out_sharding=_histogram_sharding())[:_BUCKETS]
-               for d in digits)
-    cum = jnp.cumsum(hist)
-    bucket = jnp.sum(below + cum < k).astype(jnp.int32)  # the bucket holding the k-th smallest
-    below = below + jnp.where(bucket > 0, cum[jnp.maximum(bucket - 1, 0)], 0)
-    prefix = prefix | (bucket.astype(udtype) << shift_u)
-    ties = hist[bucket]
-  return prefix, below, ties
+  digit_mask = np.array(buckets - 1, udtype)
+  ties = jnp.zeros(num_segments, jnp.int64)
+  for shift in range(nbits - bits, -1, -bits):
+    digit = ((keys >> np.array(shift, udtype)) & digit_mask).astype(jnp.int32)
+    index = digit if segment_of is None else segment_of.astype(jnp.int32) * buckets + digit
+    if shift < nbits - bits:
+      high = np.array(shift + bits, udtype)
+      own_prefix = prefix[0] if segment_of is None else prefix[segment_of]
+      index = jnp.where((keys >> high) == (own_prefix >> high), index, num_segments * buckets)
+    hist = sum(jnp.zeros(num_segments * buckets, count_dtype).at[part].add(1, mode="drop").astype(jnp.int64)
+               for part in _chunks(index))
+    hist = reduce(hist).reshape(num_segments, buckets)
+    below, bucket, ties = descend(hist, below, k)
+    prefix = prefix | (bucket.astype(udtype) << np.array(shift, udtype))
+  return prefix if positions else (prefix, below, ties)
 
 
-def _histogram_sharding() -> Optional[jax.sharding.PartitionSpec]:
-  """Replicated under a mesh context: with explicit mesh axes a scatter from sharded digits must say so."""
-  return None if jax.sharding.get_abstract_mesh().empty else jax.sharding.PartitionSpec()
+def _chunks(index: jax.Array) -> list[jax.Array]:
+  """Independent slices of a large buffer: XLA:CPU runs their scatters on separate cores (1.5x on two)."""
+  parts = min(_SCATTER_CHUNKS, max(1, index.size // (1 << 20)))
+  bounds = np.linspace(0, index.size, parts + 1).astype(np.int64)
+  return [index[lo:hi] for lo, hi in zip(bounds[:-1], bounds[1:])] if parts > 1 else [index]
 
 
-def _row_major_index(shape: tuple[int, ...]) -> jax.Array:
-  """Each entry's flat row-major index, built from iotas so that it shards like an array of ``shape``."""
-  return sum((lax.broadcasted_iota(jnp.int32, shape, d) * int(np.prod(shape[d + 1:])) for d in range(len(shape))),
-             jnp.zeros(shape, jnp.int32))
+def descend(hist: jax.Array, below: jax.Array, k: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """One digit of the radix selection, per segment (rows of ``hist``).
+
+  Args:
+    hist: ``(segments, buckets)`` counts of this digit among the keys that share the prefix found so far.
+    below: how many keys of each segment lie below that prefix.
+    k: the 1-based rank sought in each segment.
+
+  Returns:
+    ``(below, bucket, ties)``: the count below the extended prefix, the digit holding the k-th key, and how many
+    keys share that digit.
+  """
+  cum = jnp.cumsum(hist, axis=1)
+  bucket = jnp.sum(below[:, None] + cum < k[:, None], axis=1)
+  before = jnp.take_along_axis(cum, jnp.maximum(bucket - 1, 0)[:, None], axis=1)[:, 0]
+  ties = jnp.take_along_axis(hist, jnp.minimum(bucket, hist.shape[1] - 1)[:, None], axis=1)[:, 0]
+  return below + jnp.where(bucket > 0, before, 0), bucket, ties

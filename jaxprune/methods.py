@@ -10,7 +10,7 @@ Scores are the importance scores when given, else the effective weight ``x * mas
 """
 from __future__ import annotations
 
-from typing import Optional, Sequence, Union
+from typing import Callable, NamedTuple, Optional, Sequence, Union
 
 import jax
 import jax.numpy as jnp
@@ -58,7 +58,7 @@ def effective(x: jax.Array, mask: Optional[jax.Array]) -> jax.Array:
 def _abs_keys(scores: jax.Array) -> jax.Array:
   if scores.dtype == jnp.bool_:
     raise UnsupportedDtypeError("cannot rank bool scores: L1 needs a numeric tensor")
-  return selection.sortable_keys(jnp.abs(scores))
+  return selection.sortable_keys(scores, magnitude=True)
 
 
 def live_count(live: Optional[jax.Array], size: int):
@@ -66,20 +66,34 @@ def live_count(live: Optional[jax.Array], size: int):
   if live is None:
     return size
   if isinstance(live, jax.core.Tracer):
-    return jnp.sum(live, dtype=jnp.int32)
-  return int(jnp.sum(live))
+    return jnp.sum(live, dtype=jax.dtypes.canonicalize_dtype(np.int64))
+  return int(np.sum(np.asarray(live)))
 
 
-def _smallest_units(keys: jax.Array, amount: Amount, live: Optional[jax.Array]) -> jax.Array:
-  """The units (entries, channels or blocks) to prune: the ``amount`` live ones of smallest key."""
-  k = num_to_prune(amount, live_count(live, keys.size))
-  return selection.smallest([keys], k, [live])[0]
+class Ranking(NamedTuple):
+  """What a selection-based method ranks: its units (entries, channels or blocks) and what pruning them means.
+
+  Attributes:
+    keys: one unsigned key per unit (:func:`jaxprune.selection.sortable_keys`); the smallest are pruned.
+    live: the units that may still be pruned (None: all of them).
+    amount: the validated amount, relative to the live units.
+    expand: maps the bool array of pruned units to the method's new mask of the parameter.
+  """
+  keys: jax.Array
+  live: Optional[jax.Array]
+  amount: Amount
+  expand: Callable[[jax.Array], jax.Array]
 
 
-def _unstructured(keys: jax.Array, amount: Amount, mask: Optional[jax.Array]) -> jax.Array:
+def run_ranking(ranking: Ranking) -> jax.Array:
+  """The mask a :class:`Ranking` gives on its own (``jaxprune.prune`` ranks many leaves in one selection)."""
+  k = num_to_prune(ranking.amount, live_count(ranking.live, ranking.keys.size))
+  return ranking.expand(selection.smallest([ranking.keys], k, [ranking.live])[0])
+
+
+def _unstructured(keys: jax.Array, amount: Amount, mask: Optional[jax.Array]) -> Ranking:
   validate_amount(amount)
-  pruned = _smallest_units(keys, amount, mask)
-  return ~pruned if mask is None else mask & ~pruned
+  return Ranking(keys, mask, amount, lambda pruned: ~pruned if mask is None else mask & ~pruned)
 
 
 def identity(x: jax.Array) -> jax.Array:
@@ -101,6 +115,10 @@ def l1_unstructured(x: jax.Array, amount: Amount, *, mask: Optional[jax.Array] =
     A bool mask of ``x.shape``. Exactly ``k`` more entries are False; NaN ranks above +inf; tied entries at the
     threshold are pruned lowest flat index first.
   """
+  return run_ranking(l1_unstructured_ranking(x, amount, mask=mask, importance_scores=importance_scores))
+
+
+def l1_unstructured_ranking(x, amount, *, mask=None, importance_scores=None) -> Ranking:
   x = jnp.asarray(x)
   mask = check_mask(mask, x)
   return _unstructured(_abs_keys(check_scores(importance_scores, x)), amount, mask)
@@ -109,9 +127,13 @@ def l1_unstructured(x: jax.Array, amount: Amount, *, mask: Optional[jax.Array] =
 def random_unstructured(key: jax.Array, x: jax.Array, amount: Amount, *,
                         mask: Optional[jax.Array] = None) -> jax.Array:
   """Prunes a uniformly random subset of ``amount`` entries (torch's ``prune.random_unstructured``)."""
+  return run_ranking(random_unstructured_ranking(key, x, amount, mask=mask))
+
+
+def random_unstructured_ranking(key, x, amount, *, mask=None) -> Ranking:
   x = jnp.asarray(x)
   mask = check_mask(mask, x)
-  return _unstructured(selection.sortable_keys(jax.random.uniform(key, x.shape)), amount, mask)
+  return _unstructured(selection.sortable_keys(jax.random.uniform(key, x.shape, jnp.float32)), amount, mask)
 
 
 def normalize_axis(x: jax.Array, axis: int) -> int:
@@ -142,21 +164,29 @@ def _channel_mask(x: jax.Array, axis: int, channels: jax.Array) -> jax.Array:
 
 
 def _structured(channel_keys: jax.Array, x: jax.Array, amount: Amount, axis: int,
-                mask: Optional[jax.Array]) -> jax.Array:
-  """Prunes ``amount`` (already validated) whole channels along ``axis``, ranking the live ones by ``channel_keys``."""
+                mask: Optional[jax.Array]) -> Ranking:
+  """Ranks whole channels along ``axis`` by ``channel_keys``; ``amount`` is already validated."""
   live = None if mask is None else jnp.any(mask, axis=other_axes(x, axis))
-  kept = _channel_mask(x, axis, ~_smallest_units(channel_keys, amount, live))
-  return kept if mask is None else kept & mask
+
+  def expand(pruned):
+    kept = _channel_mask(x, axis, ~pruned)
+    return kept if mask is None else kept & mask
+
+  return Ranking(channel_keys, live, amount, expand)
 
 
 def random_structured(key: jax.Array, x: jax.Array, amount: Amount, axis: int, *,
                       mask: Optional[jax.Array] = None) -> jax.Array:
   """Prunes ``amount`` random channels along ``axis`` (torch's ``prune.random_structured``, ``dim`` -> ``axis``)."""
+  return run_ranking(random_structured_ranking(key, x, amount, axis, mask=mask))
+
+
+def random_structured_ranking(key, x, amount, axis, *, mask=None) -> Ranking:
   x = jnp.asarray(x)
   mask = check_mask(mask, x)
   axis = normalize_axis(x, axis)
   validate_amount(amount)
-  keys = selection.sortable_keys(jax.random.uniform(key, (x.shape[axis],)))
+  keys = selection.sortable_keys(jax.random.uniform(key, (x.shape[axis],), jnp.float32))
   return _structured(keys, x, amount, axis, mask)
 
 
@@ -215,6 +245,10 @@ def ln_structured(x: jax.Array, amount: Amount, n: Norm, axis: int, *, mask: Opt
     lowest index first. Norms are computed in float32 for 16-bit inputs and rounded back to the input dtype, so
     channels that torch sees as tied are tied here too.
   """
+  return run_ranking(ln_structured_ranking(x, amount, n, axis, mask=mask, importance_scores=importance_scores))
+
+
+def ln_structured_ranking(x, amount, n, axis, *, mask=None, importance_scores=None) -> Ranking:
   x = jnp.asarray(x)
   mask = check_mask(mask, x)
   axis = normalize_axis(x, axis)
@@ -234,6 +268,8 @@ def custom_from_mask(x: jax.Array, mask_to_apply: jax.Array, *, mask: Optional[j
   """
   x = jnp.asarray(x)
   mask = check_mask(mask, x)
+  if mask_to_apply is None:
+    raise TypeError("custom_from_mask needs `mask_to_apply`: a bool or 0/1 array of the tensor's shape, got None")
   new = check_mask(mask_to_apply, x, what="mask_to_apply")
   return new if mask is None else mask & new
 
@@ -284,8 +320,15 @@ def block_structured(x: jax.Array, amount: Amount, block_shape: Sequence[int], *
   Raises:
     ValueError: ``block_shape`` does not have one positive size per axis, each dividing the axis.
   """
+  return run_ranking(block_structured_ranking(x, amount, block_shape, n=n, mask=mask,
+                                              importance_scores=importance_scores))
+
+
+def block_structured_ranking(x, amount, block_shape, *, n=1, mask=None, importance_scores=None) -> Ranking:
   x = jnp.asarray(x)
   mask = check_mask(mask, x)
+  if not all(isinstance(b, (int, np.integer)) and not isinstance(b, (bool, np.bool_)) for b in block_shape):
+    raise ValueError(f"block_shape must hold integers, got {tuple(block_shape)!r}")
   block_shape = tuple(int(b) for b in block_shape)
   if len(block_shape) != x.ndim or any(b < 1 or s % b for s, b in zip(x.shape, block_shape)):
     raise ValueError(f"block_shape {block_shape} must give one positive size per axis, each dividing the "
@@ -296,6 +339,16 @@ def block_structured(x: jax.Array, amount: Amount, block_shape: Sequence[int], *
   inner = tuple(range(1, 2 * x.ndim, 2))
   norms = vector_norm(scores.reshape(tiled), n, inner)
   live = None if mask is None else jnp.any(mask.reshape(tiled), axis=inner)
-  pruned = _smallest_units(selection.sortable_keys(norms), amount, live)
-  kept = jnp.broadcast_to(jnp.expand_dims(~pruned, inner), tiled).reshape(x.shape)
-  return kept if mask is None else kept & mask
+
+  def expand(pruned):
+    kept = jnp.broadcast_to(jnp.expand_dims(~pruned, inner), tiled).reshape(x.shape)
+    return kept if mask is None else kept & mask
+
+  return Ranking(selection.sortable_keys(norms), live, amount, expand)
+
+
+RANKINGS = {"l1_unstructured": l1_unstructured_ranking, "random_unstructured": random_unstructured_ranking,
+            "random_structured": random_structured_ranking, "ln_structured": ln_structured_ranking,
+            "block_structured": block_structured_ranking}
+"""The methods that prune the ``amount`` smallest units of a ranking, by name: :func:`jaxprune.prune` ranks all
+leaves of a model in one selection with them."""

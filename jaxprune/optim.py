@@ -162,6 +162,8 @@ def masked_optimizer(inner: optax.GradientTransformation, masks: MasksLike = Non
     masked, so pruned params stay exactly zero.
   """
   check_semantics(semantics)
+  if not isinstance(inner, optax.GradientTransformation):
+    raise TypeError(f"masked_optimizer wraps an optax GradientTransformation (e.g. optax.adam(1e-3)), got {inner!r}")
   inner = optax.with_extra_args_support(inner)
 
   def init(params):

@@ -27,7 +27,7 @@ from jax import lax
 from jaxprune import methods as _methods
 from jaxprune.amounts import num_to_prune
 from jaxprune.optim import MaskedState, MasksLike, Semantics, check_semantics, masked_optimizer
-from jaxprune.pytree import Where, global_unstructured, is_masked, path_str
+from jaxprune.pytree import Where, global_unstructured, is_masked, path_str, prune
 from jaxprune.schedules import ScheduleLike, as_schedule
 
 PyTree = Any
@@ -96,17 +96,19 @@ def _prune(name: str, params: PyTree, masks: PyTree, sparsity: jax.Array, key: O
     paths = {path_str(flat[i][0]) for i in chosen}
     return global_unstructured(params, _new_count(sparsity, total, live), masks=masks,
                                where=lambda path, _: path in paths)
-  fn = getattr(_methods, name)
-  out = list(flat_masks)
+  amounts = {}
   for i in chosen:
     path, x = path_str(flat[i][0]), flat[i][1]
     try:
       total, live = _live_units(name, x, flat_masks[i], kwargs)
-      args = (jax.random.fold_in(key, i), x) if key is not None else (x,)
-      out[i] = fn(*args, _new_count(sparsity, total, live), mask=flat_masks[i], **kwargs)
     except (KeyError, ValueError, TypeError, IndexError) as err:
       raise type(err)(f"{path}: scheduled {name} failed: {err}") from err
-  return jax.tree.unflatten(treedef, out)
+    amounts[path] = _new_count(sparsity, total, live)
+  try:  # every leaf in one selection, each with its own count
+    return prune(params, name, masks=masks, key=key, where=lambda path, _: path in amounts,
+                 amount=lambda path, _: amounts.get(path), **kwargs)
+  except (KeyError, ValueError, TypeError, IndexError) as err:
+    raise type(err)(f"scheduled {name} failed: {err}") from err
 
 
 def _rewound(updates: PyTree, params: PyTree, rewind: PyTree, masks: PyTree, now: jax.Array,

@@ -9,6 +9,8 @@ joined with ``/`` (``"conv1/kernel"``, ``"layers/0/w"``).
 """
 from __future__ import annotations
 
+import functools
+import numbers
 import re
 from typing import Any, Callable, Optional, Sequence, Union
 
@@ -18,7 +20,7 @@ import numpy as np
 
 from jaxprune import methods as _methods
 from jaxprune import selection
-from jaxprune.amounts import Amount, num_to_prune, validate_amount
+from jaxprune.amounts import Amount, as_argument, from_argument, num_to_prune, validate_amount
 
 PyTree = Any
 Predicate = Callable[[str, Any], bool]
@@ -74,7 +76,12 @@ def selector(where: Where) -> Predicate:
   if callable(where):
     return where
   patterns = [where] if isinstance(where, str) else list(where)
-  compiled = [re.compile(p) for p in patterns]
+  compiled = []
+  for pattern in patterns:
+    try:
+      compiled.append(re.compile(pattern))
+    except (re.error, TypeError) as err:
+      raise ValueError(f"invalid `where` pattern {pattern!r}: {err}") from err
   return lambda path, leaf: any(p.search(path) for p in compiled)
 
 
@@ -117,9 +124,31 @@ def _with_path(path: str, err: Exception) -> Exception:
   return type(err)(f"{path}: {err}")
 
 
+def _per_leaf_amounts(amount, leaves, treedef) -> list:
+  """One amount per leaf from a scalar, a pytree of amounts (None: leave the leaf alone) or ``fn(path, leaf)``."""
+  if callable(amount):
+    return [amount(path, x) for path, x in leaves]
+  if isinstance(amount, (numbers.Number, np.generic)) or (
+      isinstance(amount, (jax.Array, np.ndarray)) and np.ndim(amount) == 0):
+    return [amount] * len(leaves)
+  try:
+    return treedef.flatten_up_to(amount)
+  except (ValueError, TypeError) as err:
+    raise ValueError(f"amount must be a number, a pytree of amounts like the params, or a function "
+                     f"(path, leaf) -> amount: {err}") from err
+
+
+def _static(kwargs: dict) -> tuple:
+  return tuple(sorted((k, tuple(v) if isinstance(v, list) else v) for k, v in kwargs.items()))
+
+
 def prune(params: PyTree, method: Union[str, Callable], *, masks: Optional[PyTree] = None, where: Where = None,
           key: Optional[jax.Array] = None, importance_scores: Optional[PyTree] = None, **method_kwargs) -> PyTree:
   """Prunes every selected leaf on its own with ``method`` (local pruning).
+
+  The built-in methods that rank units (``l1_unstructured``, ``random_unstructured``, ``ln_structured``,
+  ``random_structured``, ``block_structured``) rank every leaf in one selection and ``nm_structured`` runs in the
+  same program: one compiled program for the whole model, whose size grows only by the per-leaf elementwise work.
 
   Args:
     params: the params pytree.
@@ -129,7 +158,9 @@ def prune(params: PyTree, method: Union[str, Callable], *, masks: Optional[PyTre
     where: which leaves to prune (see :func:`selector`).
     key: a PRNG key for random methods; leaf ``i`` uses ``fold_in(key, i)``.
     importance_scores: a pytree like ``params`` (None leaves allowed) ranked instead of the params.
-    **method_kwargs: the method's arguments (``amount``, ``n``, ``axis``, ...).
+    **method_kwargs: the method's arguments (``n``, ``axis``, ...). ``amount`` may be one amount for every leaf,
+      a pytree of amounts like ``params`` (None leaves are not pruned), or a function ``(path, leaf) -> amount``
+      (None: not pruned), so a model gets per-layer amounts in one call.
 
   Returns:
     The new masks. Leaves not selected keep their old mask (or :data:`UNMASKED`).
@@ -138,25 +169,97 @@ def prune(params: PyTree, method: Union[str, Callable], *, masks: Optional[PyTre
     The method's errors, with the leaf's path prefixed to the message.
   """
   fn = _resolve(method)
-  needs_key = getattr(fn, "__name__", "") in _RANDOM_METHODS
+  name = getattr(fn, "__name__", "")
+  needs_key = name in _RANDOM_METHODS
   if needs_key and key is None:
     raise TypeError(f"{fn.__name__} needs a PRNG `key`")
   pick = selector(where)
   leaves, treedef, (old_masks, scores) = _leaves(params, masks, importance_scores)
-  out = []
-  for i, ((path, x), old, score) in enumerate(zip(leaves, old_masks, scores)):
-    if not pick(path, x):
-      out.append(UNMASKED if old is None else old)
-      continue
-    kwargs = dict(method_kwargs, mask=_old_mask(old, x))
-    if score is not None:
-      kwargs["importance_scores"] = score
+  has_amount = "amount" in method_kwargs
+  amounts = _per_leaf_amounts(method_kwargs.pop("amount"), leaves, treedef) if has_amount else [None] * len(leaves)
+  chosen = [i for i, (path, x) in enumerate(leaves) if pick(path, x) and (amounts[i] is not None or not has_amount)]
+  out = [UNMASKED if old is None else old for old in old_masks]
+  builtin = fn is getattr(_methods, name, None)
+  if builtin and (name in _methods.RANKINGS or name == "nm_structured"):
+    args = []
+    for i in chosen:
+      path, x = leaves[i][0], jnp.asarray(leaves[i][1])
+      try:
+        if has_amount:
+          validate_amount(amounts[i])
+        args.append((x, _methods.check_mask(_old_mask(old_masks[i], x), x),
+                     None if scores[i] is None else _methods.check_scores(scores[i], x),
+                     as_argument(amounts[i]) if has_amount else None))
+      except (ValueError, TypeError, IndexError) as err:
+        raise _with_path(path, err) from err
+    paths = tuple(leaves[i][0] for i in chosen)
+    new, live = _prune_leaves(name, _static(method_kwargs), paths, tuple(chosen), tuple(args), key)
+    for i, path, (*_, amount), count in zip(chosen, paths, args, live):
+      _check_count(path, amounts[i], count)
+    for i, m in zip(chosen, new):
+      out[i] = m
+    return jax.tree_util.tree_unflatten(treedef, out)
+  for i in chosen:
+    path, x = leaves[i]
+    kwargs = dict(method_kwargs, mask=_old_mask(old_masks[i], x))
+    if has_amount:
+      kwargs["amount"] = amounts[i]
+    if scores[i] is not None:
+      kwargs["importance_scores"] = scores[i]
     args = (jax.random.fold_in(key, i), x) if needs_key else (x,)
     try:
-      out.append(fn(*args, **kwargs))
+      out[i] = fn(*args, **kwargs)
     except (ValueError, TypeError, IndexError) as err:
       raise _with_path(path, err) from err
   return jax.tree_util.tree_unflatten(treedef, out)
+
+
+def _check_count(path: Optional[str], amount, live) -> None:
+  """torch's error for a count larger than what is left, once the live count is known (eager calls only)."""
+  if live is None or isinstance(live, jax.core.Tracer) or isinstance(amount, jax.core.Tracer):
+    return
+  if isinstance(amount, (numbers.Integral, np.integer)) or (
+      isinstance(amount, (jax.Array, np.ndarray)) and jnp.issubdtype(amount.dtype, jnp.integer)):
+    if int(amount) > int(live):
+      err = ValueError(f"amount={amount} should be smaller than the number of parameters to prune={int(live)}")
+      raise err if path is None else _with_path(path, err)
+
+
+@functools.partial(jax.jit, static_argnames=("name", "kwargs", "paths", "indices"))
+def _prune_leaves(name: str, kwargs: tuple, paths: tuple[str, ...], indices: tuple[int, ...], args: tuple, key):
+  """Every chosen leaf pruned by a built-in method in one program: one selection ranks them all, a segment each.
+
+  Returns the new masks and, per leaf, how many units were live (None for N:M), to check counts eagerly.
+  """
+  kwargs = dict(kwargs)
+  if name == "nm_structured":
+    masks = []
+    for path, (x, mask, score, _) in zip(paths, args):
+      try:
+        masks.append(_methods.nm_structured(x, mask=mask, importance_scores=score, **kwargs))
+      except (ValueError, TypeError, IndexError) as err:
+        raise _with_path(path, err) from err
+    return masks, [None] * len(masks)
+  build = _methods.RANKINGS[name]
+  rankings = []
+  with jax.enable_x64(True):
+    decoded = [from_argument(amount) for (*_, amount) in args]
+  for i, path, (x, mask, score, _), amount in zip(indices, paths, args, decoded):
+    extra = {} if score is None else {"importance_scores": score}
+    lead = (jax.random.fold_in(key, i), x) if name in _RANDOM_METHODS else (x,)
+    try:
+      rankings.append(build(*lead, amount, mask=mask, **extra, **kwargs))
+    except (ValueError, TypeError, IndexError) as err:
+      raise _with_path(path, err) from err
+  if not rankings:
+    return [], []
+  with jax.enable_x64(True):
+    live = [_methods.live_count(r.live, r.keys.size) for r in rankings]
+    live = [jnp.asarray(n, jnp.int64) for n in live]
+    ks = jnp.stack([num_to_prune(r.amount, n) for r, n in zip(rankings, live)])
+  pruned = selection.smallest([r.keys for r in rankings], ks, [r.live for r in rankings],
+                              segments=range(len(rankings)))
+  return [r.expand(p) for r, p in zip(rankings, pruned)], live
 
 
 def global_unstructured(params: PyTree, amount: Amount, *, masks: Optional[PyTree] = None, where: Where = None,
@@ -166,12 +269,15 @@ def global_unstructured(params: PyTree, amount: Amount, *, masks: Optional[PyTre
   One ranking over the whole model, as torch's ``global_unstructured(..., prune.L1Unstructured, amount=...)``
   (spec §6): entries already pruned neither count toward ``amount`` nor compete, scores of different dtypes are
   compared exactly (f16/bf16 widen to f32), exactly ``k`` entries are pruned, and ties are pruned in leaf order
-  (the pytree's flatten order) then row-major, lowest first.
+  (the pytree's flatten order) then row-major, lowest first. It is one compiled program whatever the number of
+  leaves; on concrete CPU arrays the leaves are laid end to end on the host first, so the program depends only on
+  the total size and is compiled once for every model of about that size.
 
   Args:
     params: the params pytree.
     amount: a fraction of the live entries in the selected leaves, or a count; may be traced under jit.
-    masks: the current masks (pruned entries stay pruned).
+    masks: the current masks (pruned entries stay pruned). A leaf that carries a per-entry mask takes part
+      unless ``where`` excludes it, even where the default ``where`` would not pick it (a pruned 1-d weight).
     where: which leaves take part (see :func:`selector`).
     importance_scores: a pytree like ``params`` (None leaves allowed) ranked, by absolute value, instead.
 
@@ -181,26 +287,76 @@ def global_unstructured(params: PyTree, amount: Amount, *, masks: Optional[PyTre
   validate_amount(amount)
   pick = selector(where)
   leaves, treedef, (old_masks, scores) = _leaves(params, masks, importance_scores)
-  chosen = [i for i, (path, x) in enumerate(leaves) if pick(path, x)]
+  chosen = [i for i, (path, x) in enumerate(leaves)
+            if pick(path, x) or (where is None and _old_mask(old_masks[i], x) is not None)]
   if not chosen:
     raise ValueError("global_unstructured: `where` selected no leaves to prune")
   ranked, live = [], []
   for i in chosen:
     path, x = leaves[i][0], jnp.asarray(leaves[i][1])
     try:
-      ranked.append(jnp.abs(_methods.check_scores(scores[i], x)))
+      score = _methods.check_scores(scores[i], x)
+      if score.dtype == jnp.bool_:
+        raise TypeError("cannot rank bool scores: L1 needs a numeric tensor")
+      ranked.append(score)
       live.append(_methods.check_mask(_old_mask(old_masks[i], x), x))
     except (ValueError, TypeError) as err:
       raise _with_path(path, err) from err
   dtype = selection.score_dtype([r.dtype for r in ranked])
-  keys = [selection.sortable_keys(r, dtype) for r in ranked]
-  counts = [_methods.live_count(m, key.size) for m, key in zip(live, keys)]
-  total = sum(counts[1:], counts[0])
-  pruned = selection.smallest(keys, num_to_prune(amount, total), live)
+  if _on_host(ranked + [m for m in live if m is not None]) and len(ranked) > 1:
+    pruned, total = _global_on_host(ranked, live, dtype, amount)
+  else:
+    pruned, total = _global(tuple(ranked), tuple(live), as_argument(amount), dtype)
+  _check_count(None, amount, total)
   out = [UNMASKED if old is None else old for old in old_masks]
-  for i, m, p in zip(chosen, live, pruned):
-    out[i] = ~p if m is None else m & ~p
+  for i, p in zip(chosen, pruned):
+    out[i] = p
   return jax.tree_util.tree_unflatten(treedef, out)
+
+
+@functools.partial(jax.jit, static_argnames="dtype")
+def _global(scores: tuple, live: tuple, amount, dtype) -> tuple[list, jax.Array]:
+  """The kept entries of every leaf after one global ranking, and how many entries were live."""
+  with jax.enable_x64(True):
+    total = sum((jnp.asarray(_methods.live_count(m, s.size), jnp.int64) for m, s in zip(live, scores)),
+                jnp.zeros((), jnp.int64))
+    k = num_to_prune(from_argument(amount), total)
+  pruned = selection.smallest_magnitudes([s.astype(dtype) if s.dtype != dtype else s for s in scores], k, live)
+  return [~p if m is None else m & ~p for m, p in zip(live, pruned)], total
+
+
+def _on_host(arrays) -> bool:
+  """Concrete arrays that all live on one CPU device: their bytes can be laid out with NumPy, without a copy."""
+  for a in arrays:
+    if isinstance(a, jax.core.Tracer):
+      return False
+    if isinstance(a, jax.Array) and (len(a.devices()) != 1 or next(iter(a.devices())).platform != "cpu"):
+      return False
+  return True
+
+
+def _padded_size(n: int) -> int:
+  """``n`` rounded up to one of 8 sizes per power of two, so that models of about one size share a program."""
+  step = 1 << max(int(n).bit_length() - 4, 0)
+  return -(-n // step) * step
+
+
+def _global_on_host(scores: list, live: list, dtype, amount) -> tuple[list, jax.Array]:
+  """:func:`_global` on the leaves laid end to end: one program for any number of leaves of about this size.
+
+  The padding is not a candidate, so it is never pruned and does not count.
+  """
+  sizes = [int(np.size(s)) for s in scores]
+  n = sum(sizes)
+  flat = np.zeros(_padded_size(n), dtype)
+  np.concatenate([np.asarray(s).astype(dtype, copy=False).ravel() for s in scores], out=flat[:n])
+  mask = np.zeros(flat.size, bool)
+  offsets = np.cumsum([0] + sizes)
+  for m, lo, hi in zip(live, offsets[:-1], offsets[1:]):
+    mask[lo:hi] = True if m is None else np.asarray(m).ravel()
+  (kept,), total = _global((jnp.asarray(flat),), (jnp.asarray(mask),), as_argument(amount), dtype)
+  kept = np.asarray(kept)
+  return [jnp.asarray(kept[lo:hi].reshape(np.shape(s))) for s, lo, hi in zip(scores, offsets[:-1], offsets[1:])], total
 
 
 def apply_masks(params: PyTree, masks: PyTree) -> PyTree:

@@ -7,8 +7,11 @@ Writes into the output folder (default ``benchmarks/results/``, git-ignored):
 * ``scaling.png``: global pruning time against size, jaxprune, torch and a full sort.
 
 Suites: ``prune`` (benchmarks/bench_prune.py: global scaling, local, mask memory, sharded), ``optim``
-(bench_optim.py: masked optimizer step overhead against plain optax) and ``interop`` (bench_interop.py: torch <->
-JAX state_dict throughput). A suite that cannot run is reported as such in both outputs, never dropped.
+(bench_optim.py: masked optimizer step overhead against plain optax), ``interop`` (bench_interop.py: torch <->
+JAX state_dict throughput), ``structure`` (bench_structure.py: cost against the leaf count and real model shapes,
+first call in a fresh process, training-step compile, a LLaMA-7B-shaped program compiled ahead of time),
+``inspect`` (bench_inspect.py: ``jaxprune inspect`` of 200,000 tensors) and ``sparse`` (bench_sparse.py: a RigL
+or SET update step against a plain masked step). A suite that cannot run is reported as such in both outputs, never dropped.
 """
 from __future__ import annotations
 
@@ -19,13 +22,15 @@ import time
 import traceback
 from typing import Any, Callable
 
-from benchmarks import common
+from benchmarks import bench_structure, common
 from benchmarks.bench_prune import parse_size
 
 FULL = {"sizes": "1M,10M,50M", "repeats": 3, "local_size": "10M", "sharded_size": "10M", "optim_params": "10M",
-        "interop_size": "1G"}
+        "interop_size": "1G", "structures": ",".join(bench_structure.FULL), "inspect_tensors": 200_000,
+        "sparse_params": "10M"}
 QUICK = {"sizes": "1M,4M", "repeats": 2, "local_size": "1M", "sharded_size": "1M", "optim_params": "1M",
-         "interop_size": "50M"}
+         "interop_size": "50M", "structures": ",".join(bench_structure.QUICK), "inspect_tensors": 5_000,
+         "sparse_params": "1M"}
 
 
 def _suites(args) -> dict[str, tuple[str, Callable[[Any], dict], str]]:
@@ -38,6 +43,11 @@ def _suites(args) -> dict[str, tuple[str, Callable[[Any], dict], str]]:
       "optim": ("benchmarks.bench_optim", lambda m: m.run(n_params=parse_size(args.optim_params)), "format_table"),
       "interop": ("benchmarks.bench_interop", lambda m: m.run(size_bytes=parse_size(args.interop_size)),
                   "format_table"),
+      "structure": ("benchmarks.bench_structure", lambda m: m.run(
+          args.structures.split(","), (10, 50) if args.quick else (10, 100, 500), 10**5 if args.quick else 10**6,
+          args.repeats, llama7b=not args.quick), "format_table"),
+      "inspect": ("benchmarks.bench_inspect", lambda m: m.run(n_tensors=args.inspect_tensors), "format_table"),
+      "sparse": ("benchmarks.bench_sparse", lambda m: m.run(n_params=parse_size(args.sparse_params)), "format_table"),
   }
 
 
@@ -45,7 +55,8 @@ def main() -> None:
   parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__.split("\n\n", maxsplit=1)[0])
   parser.add_argument("--quick", action="store_true", help=f"small sizes for a smoke run: {QUICK}")
   parser.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
-  parser.add_argument("--only", default="prune,optim,interop", help="comma-separated suites to run")
+  parser.add_argument("--only", default="prune,optim,interop,structure,inspect,sparse",
+                      help="comma-separated suites to run")
   parser.add_argument("--sizes", help=f"global pruning sizes (default {FULL['sizes']})")
   parser.add_argument("--amounts", default="0.5,0.9")
   parser.add_argument("--repeats", type=int, help=f"timed rounds per comparison (default {FULL['repeats']})")
@@ -53,6 +64,9 @@ def main() -> None:
   parser.add_argument("--sharded-size", help="params for the 8-simulated-device run")
   parser.add_argument("--optim-params", help="model size for the optimizer benchmark")
   parser.add_argument("--interop-size", help="state_dict bytes for the interop benchmark")
+  parser.add_argument("--structures", help="model structures for the structure suite (see bench_structure)")
+  parser.add_argument("--inspect-tensors", type=int, help="tensors in the file `jaxprune inspect` reads")
+  parser.add_argument("--sparse-params", help="model size for the dynamic sparse training step")
   args = parser.parse_args()
   for name, value in (QUICK if args.quick else FULL).items():
     if getattr(args, name) is None:

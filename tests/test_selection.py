@@ -1,0 +1,205 @@
+"""The selection engine (issue 9): one ranking over many arrays whose program does not grow with their number,
+segments with their own counts, exact 64-bit counting beyond 2^31 entries, and keys built from bits (spec §4).
+
+Ties are broken lowest position first, positions running through the arrays in order (spec §4 leaves torch's order
+to its sort): every check here compares against a stable argsort, which is that rule.
+"""
+import re
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+import torch.nn.utils.prune as tprune
+from hypothesis import given
+from hypothesis import strategies as st
+
+import jaxprune
+from jaxprune import selection
+from torch_oracle import holder
+
+
+def stable_smallest(keys: np.ndarray, k: int) -> np.ndarray:
+  picked = np.zeros(keys.size, bool)
+  picked[np.argsort(keys, kind="stable")[:k]] = True
+  return picked
+
+
+@given(sizes=st.lists(st.integers(0, 40), min_size=1, max_size=5), data=st.data())
+def test_many_arrays_rank_like_their_concatenation(sizes, data):
+  keys = [np.asarray(data.draw(st.lists(st.integers(0, 5), min_size=n, max_size=n)), np.uint32) for n in sizes]
+  flat = np.concatenate(keys)
+  k = data.draw(st.integers(0, flat.size))
+  picked = selection.smallest([jnp.asarray(x) for x in keys], k)
+  np.testing.assert_array_equal(np.concatenate([np.asarray(p) for p in picked]), stable_smallest(flat, k))
+
+
+@given(sizes=st.lists(st.integers(0, 30), min_size=1, max_size=20), data=st.data())
+def test_segments_rank_on_their_own(sizes, data):
+  """One selection, one count per segment; 20 segments also exercise the narrow 8-bit digits."""
+  keys = [np.asarray(data.draw(st.lists(st.integers(0, 300), min_size=n, max_size=n)), np.uint32) for n in sizes]
+  ks = [data.draw(st.integers(0, x.size)) for x in keys]
+  picked = selection.smallest([jnp.asarray(x) for x in keys], ks, segments=range(len(keys)))
+  for p, x, k in zip(picked, keys, ks):
+    np.testing.assert_array_equal(np.asarray(p), stable_smallest(x, k))
+
+
+def test_segments_shared_by_several_arrays_and_candidates():
+  rng = np.random.default_rng(0)
+  keys = [rng.integers(0, 4, n).astype(np.uint32) for n in (7, 9, 5, 11)]
+  live = [rng.random(x.size) < 0.7 for x in keys]
+  segments, ks = [1, 0, 1, 0], [6, 4]
+  picked = selection.smallest([jnp.asarray(x) for x in keys], ks, [jnp.asarray(m) for m in live], segments)
+  for segment, k in enumerate(ks):
+    members = [i for i, s in enumerate(segments) if s == segment]
+    flat = np.concatenate([np.where(live[i], keys[i], np.iinfo(np.uint32).max) for i in members])
+    expected = stable_smallest(flat, k)
+    np.testing.assert_array_equal(np.concatenate([np.asarray(picked[i]) for i in members]), expected)
+
+
+def test_one_count_per_segment_is_required():
+  with pytest.raises(ValueError, match="one count per segment"):
+    selection.smallest([jnp.zeros(3, jnp.uint32)] * 2, [1], segments=[0, 1])
+
+
+def _histogram_passes(n_leaves: int) -> int:
+  params = {f"w{i}": jax.ShapeDtypeStruct((8, 4), jnp.float32) for i in range(n_leaves)}
+  text = jax.jit(lambda p: jaxprune.global_unstructured(p, 0.5)).lower(params).as_text()
+  return len(re.findall(r"\bscatter\b", text))
+
+
+def test_the_program_holds_the_same_histograms_for_3_or_60_leaves():
+  """Leaves are laid end to end: the histogram passes do not repeat per leaf, so the program's size grows only
+  by the copy in and the compare out of each leaf."""
+  assert _histogram_passes(3) == _histogram_passes(60) > 0
+
+
+def test_local_prune_of_a_model_is_one_selection():
+  """A segment per leaf, one histogram per pass for all of them (8-bit digits past 16 segments)."""
+  def passes(n_leaves):
+    params = {f"w{i}": jax.ShapeDtypeStruct((8, 4), jnp.float32) for i in range(n_leaves)}
+    text = jax.jit(lambda p: jaxprune.prune(p, "l1_unstructured", amount=0.5)).lower(params).as_text()
+    return len(re.findall(r"\bscatter\b", text))
+  assert passes(2) == passes(16) > 0
+  assert passes(20) == passes(80) == 2 * passes(2)
+
+
+def test_descend_counts_past_int32():
+  """The merge of histogram counts is 64-bit: a bucket holding 3e9 keys (a LLaMA-7B of zeros) counts exactly."""
+  with jax.enable_x64(True):
+    hist = jnp.zeros((1, 8), jnp.int64).at[0, 2].set(3_000_000_000).at[0, 5].set(4_000_000_000)
+    below, bucket, ties = selection.descend(hist, jnp.array([10], jnp.int64), jnp.array([3_500_000_000], jnp.int64))
+    chex.assert_trees_all_equal((below, bucket, ties), (jnp.array([3_000_000_010]), jnp.array([5]),
+                                                        jnp.array([4_000_000_000])))
+
+
+def test_a_model_past_2_pow_32_entries_compiles_with_64_bit_counts_and_positions():
+  """Abstract shapes only: 4.3e9 bf16 entries are lowered, never allocated."""
+  params = {"a": jax.ShapeDtypeStruct((65536, 65536), jnp.bfloat16), "b": jax.ShapeDtypeStruct((16,), jnp.bfloat16)}
+  text = jax.jit(lambda p: jaxprune.global_unstructured(p, 0.5, where=lambda *_: True)).lower(params).as_text()
+  assert "ui64" in text and "i64" in text  # positions and counts
+
+
+def test_subnormal_magnitudes_rank_exactly_like_torch():
+  """XLA:CPU flushes subnormals in float arithmetic; keys come from the bits, so 4.67e-40 is the smallest."""
+  w = np.array([-7.24e-40, 6.97e-40, -4.67e-40, -7.64e-40, 6.00e-40], np.float32)
+  module = holder(w)
+  tprune.l1_unstructured(module, "weight", amount=0.24)
+  expected = module.weight_mask.numpy() != 0
+  np.testing.assert_array_equal(jaxprune.l1_unstructured(jnp.asarray(w), 0.24), expected)
+  np.testing.assert_array_equal(jaxprune.global_unstructured({"w": jnp.asarray(w)}, 0.24, where="w")["w"], expected)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64, "bfloat16", np.float16])
+def test_keys_order_subnormals_zeros_infinities_and_nan(dtype):
+  values = np.array([np.nan, np.inf, 1.0, 1e-40, 0.0, -0.0, -1e-40, -1.0, -np.inf]).astype(dtype)
+  with jax.enable_x64(dtype == np.float64):
+    keys = np.asarray(selection.sortable_keys(jnp.asarray(values)))
+  finite = values[~np.isnan(values.astype(np.float64))].astype(np.float64)
+  # Strictly decreasing except where the dtype rounds the values together (+-0.0 always, +-1e-40 in float16).
+  assert keys[0] > keys[1]  # NaN above +inf
+  for a, b, (x, y) in zip(keys[1:-1], keys[2:], zip(finite[:-1], finite[1:])):
+    assert (a > b) if x > y else (a == b)
+
+
+def test_per_leaf_amounts_as_a_pytree_or_a_function():
+  rng = np.random.default_rng(1)
+  params = {"a": jnp.asarray(rng.standard_normal((6, 5)), jnp.float32),
+            "b": jnp.asarray(rng.standard_normal((4, 4)), jnp.float32),
+            "c": jnp.asarray(rng.standard_normal((3, 7)), jnp.float32)}
+  amounts = {"a": 0.5, "b": 3, "c": None}
+  by_tree = jaxprune.prune(params, "l1_unstructured", amount=amounts)
+  by_fn = jaxprune.prune(params, "l1_unstructured", amount=lambda path, leaf: amounts[path])
+  for masks in (by_tree, by_fn):
+    np.testing.assert_array_equal(masks["a"], jaxprune.l1_unstructured(params["a"], 0.5))
+    np.testing.assert_array_equal(masks["b"], jaxprune.l1_unstructured(params["b"], 3))
+    assert masks["c"] is jaxprune.UNMASKED
+  structured = jaxprune.prune(params, "ln_structured", amount={"a": 2, "b": 0.25, "c": 1}, n=1, axis=-1)
+  for name, amount in (("a", 2), ("b", 0.25), ("c", 1)):
+    np.testing.assert_array_equal(structured[name], jaxprune.ln_structured(params[name], amount, 1, -1))
+
+
+def test_per_leaf_amounts_trace_without_recompiling():
+  params = {"a": jnp.arange(12.0).reshape(3, 4), "b": jnp.arange(8.0).reshape(2, 4)}
+  step = jax.jit(lambda p, a, b: jaxprune.prune(p, "l1_unstructured", amount={"a": a, "b": b}))
+  for a, b in ((1, 2), (5, 7), (0, 8)):
+    masks = step(params, a, b)
+    assert int((~masks["a"]).sum()) == a and int((~masks["b"]).sum()) == b
+  assert step._cache_size() == 1
+
+
+def test_a_count_above_what_is_left_names_the_leaf():
+  with pytest.raises(ValueError, match=r"^b: amount=9 should be smaller than the number of parameters to prune=8$"):
+    jaxprune.prune({"a": jnp.ones((2, 2)), "b": jnp.ones((2, 4))}, "l1_unstructured", amount={"a": 1, "b": 9})
+
+
+@pytest.mark.parametrize("n_leaves", [1, 3, 40])
+def test_eager_host_layout_equals_the_jitted_program(n_leaves):
+  """On CPU arrays the eager call lays leaves end to end on the host (padded to a shared size): same masks."""
+  rng = np.random.default_rng(n_leaves)
+  params = {f"w{i:02d}": jnp.asarray(np.round(rng.standard_normal((3 + i % 4, 5)), 1), jnp.float32)
+            for i in range(n_leaves)}
+  masks = jaxprune.global_unstructured(params, 0.3)
+  masks = jaxprune.global_unstructured(params, 0.5, masks=masks)  # ties at every threshold, old masks
+  jitted = jax.jit(lambda p: jaxprune.global_unstructured(
+      p, 0.5, masks=jaxprune.global_unstructured(p, 0.3)))(params)
+  chex.assert_trees_all_equal(masks, jitted)
+  n = sum(x.size for x in jax.tree.leaves(params))
+  first = round(0.3 * n)
+  assert sum(int((~m).sum()) for m in jax.tree.leaves(masks)) == first + round(0.5 * (n - first))
+
+
+def test_global_includes_a_masked_leaf_that_default_where_skips():
+  """A 1-d weight pruned earlier takes part in a later global prune, as in torch's global prune over it."""
+  w = {"kernel": jnp.asarray(np.linspace(-1, 1, 12).reshape(3, 4), jnp.float32),
+       "bias": jnp.asarray([0.05, -0.9, 0.3, 0.01], jnp.float32)}
+  masks = {"kernel": jaxprune.UNMASKED, "bias": jaxprune.l1_unstructured(w["bias"], 1)}
+  out = jaxprune.global_unstructured(w, 0.5, masks=masks)
+  assert jaxprune.is_masked(out["bias"]) and not bool(out["bias"][3])
+  torch_params = [holder(np.asarray(w["kernel"])), holder(np.asarray(w["bias"]))]
+  tprune.l1_unstructured(torch_params[1], "weight", amount=1)
+  tprune.global_unstructured([(m, "weight") for m in torch_params], tprune.L1Unstructured, amount=0.5)
+  np.testing.assert_array_equal(out["kernel"], torch_params[0].weight_mask.numpy() != 0)
+  np.testing.assert_array_equal(out["bias"], torch_params[1].weight_mask.numpy() != 0)
+
+
+def test_small_bad_inputs_get_clear_errors():
+  with pytest.raises(TypeError, match="mask_to_apply"):
+    jaxprune.custom_from_mask(jnp.ones(3), None)
+  for shape in ((2.5, 2), (True, 2)):
+    with pytest.raises(ValueError, match="block_shape must hold integers"):
+      jaxprune.block_structured(jnp.ones((4, 4)), 0.5, shape)
+  with pytest.raises(ValueError, match=r"invalid `where` pattern '\(kernel'"):
+    jaxprune.init_masks({"w": jnp.ones((2, 2))}, "(kernel")
+  with pytest.raises(TypeError, match="optax GradientTransformation"):
+    jaxprune.masked_optimizer("adam")
+
+
+def test_torch_and_jaxprune_agree_with_bits_and_counts_on_a_float16_model():
+  x = torch.randn(64, 33).half()
+  module = holder(x.numpy())
+  tprune.l1_unstructured(module, "weight", amount=0.37)
+  np.testing.assert_array_equal(jaxprune.l1_unstructured(jnp.asarray(x.numpy()), 0.37),
+                                module.weight_mask.numpy() != 0)

@@ -26,11 +26,11 @@ from benchmarks import bench_structure, common
 from benchmarks.bench_prune import parse_size
 
 FULL = {"sizes": "1M,10M,50M", "repeats": 3, "local_size": "10M", "sharded_size": "10M", "optim_params": "10M",
-        "interop_size": "1G", "structures": ",".join(bench_structure.FULL), "inspect_tensors": 200_000,
-        "sparse_params": "10M"}
+        "interop_size": "1G", "structures": ",".join(bench_structure.FULL), "step_leaves": "10,100,500",
+        "inspect_tensors": 200_000, "sparse_params": "10M"}
 QUICK = {"sizes": "1M,4M", "repeats": 2, "local_size": "1M", "sharded_size": "1M", "optim_params": "1M",
-         "interop_size": "50M", "structures": ",".join(bench_structure.QUICK), "inspect_tensors": 5_000,
-         "sparse_params": "1M"}
+         "interop_size": "50M", "structures": ",".join(bench_structure.QUICK), "step_leaves": "10",
+         "inspect_tensors": 5_000, "sparse_params": "1M"}
 
 
 def _suites(args) -> dict[str, tuple[str, Callable[[Any], dict], str]]:
@@ -44,8 +44,8 @@ def _suites(args) -> dict[str, tuple[str, Callable[[Any], dict], str]]:
       "interop": ("benchmarks.bench_interop", lambda m: m.run(size_bytes=parse_size(args.interop_size)),
                   "format_table"),
       "structure": ("benchmarks.bench_structure", lambda m: m.run(
-          args.structures.split(","), (10, 50) if args.quick else (10, 100, 500), 10**5 if args.quick else 10**6,
-          args.repeats, llama7b=not args.quick), "format_table"),
+          args.structures.split(","), [int(n) for n in args.step_leaves.split(",")],
+          10**5 if args.quick else 10**6, args.repeats, llama7b=not args.quick), "format_table"),
       "inspect": ("benchmarks.bench_inspect", lambda m: m.run(n_tensors=args.inspect_tensors), "format_table"),
       "sparse": ("benchmarks.bench_sparse", lambda m: m.run(n_params=parse_size(args.sparse_params)), "format_table"),
   }
@@ -65,6 +65,7 @@ def main() -> None:
   parser.add_argument("--optim-params", help="model size for the optimizer benchmark")
   parser.add_argument("--interop-size", help="state_dict bytes for the interop benchmark")
   parser.add_argument("--structures", help="model structures for the structure suite (see bench_structure)")
+  parser.add_argument("--step-leaves", help="leaf counts of the training-step compile sweep")
   parser.add_argument("--inspect-tensors", type=int, help="tensors in the file `jaxprune inspect` reads")
   parser.add_argument("--sparse-params", help="model size for the dynamic sparse training step")
   args = parser.parse_args()

@@ -280,7 +280,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     print(json.dumps(_llama7b_worker()))
   else:
     structures = args.structures.split(",") if args.structures else QUICK if args.quick else FULL
-    report = run(structures, (10, 50) if args.quick else (10, 100, 500), 10**5 if args.quick else 10**6,
+    report = run(structures, (10,) if args.quick else (10, 100, 500), 10**5 if args.quick else 10**6,
                  args.repeats, llama7b=not args.quick)
     print(format_table(report))
 

@@ -10,7 +10,7 @@ from jaxprune.errors import ShapeMismatchError, UnsupportedDtypeError, Unsupport
 from jaxprune import schedules
 from jaxprune.methods import (block_structured, custom_from_mask, identity, l1_unstructured, ln_structured,
                               nm_structured, random_structured, random_unstructured)
-from jaxprune.optim import MaskedState, masked_optimizer, masks_from_state
+from jaxprune.optim import MaskedState, apply_updates, masked_optimizer, masks_from_state
 from jaxprune.optim_pruning import ScheduledPruningState, scheduled_pruning
 from jaxprune.pytree import (UNMASKED, apply_masks, default_where, global_unstructured, init_masks, is_masked,
                              make_permanent, path_str, prune, selector)

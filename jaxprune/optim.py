@@ -193,6 +193,20 @@ def masked_optimizer(inner: optax.GradientTransformation, masks: MasksLike = Non
   return optax.GradientTransformationExtraArgs(init, update)
 
 
+def apply_updates(params: PyTree, updates: PyTree, masks: PyTree) -> PyTree:
+  """``optax.apply_updates`` that selects exactly 0.0 at pruned entries instead of adding to them.
+
+  The lock-semantics update of a pruned param is ``-p``, which lands finite params on exactly 0.0 through
+  ``optax.apply_updates`` (``p + u``). No update brings an inf or NaN back to 0 by addition (``inf - inf`` is
+  NaN), so a model that may hold non-finite pruned weights (e.g. loaded from a diverged checkpoint) should apply
+  its updates with this select instead.
+  """
+  def leaf(p, u, m):
+    new = jnp.asarray(p + u).astype(jnp.result_type(p))
+    return jnp.where(m, new, jnp.zeros((), new.dtype)) if is_masked(m, p) else new
+  return jax.tree.map(leaf, params, updates, masks)
+
+
 def masks_from_state(opt_state: optax.OptState) -> PyTree:
   """The masks in force, found in an optimizer state that contains one :func:`masked_optimizer` (at any depth).
 
@@ -206,4 +220,4 @@ def masks_from_state(opt_state: optax.OptState) -> PyTree:
   return found[0].masks
 
 
-__all__ = ["MaskedState", "masked_optimizer", "masks_from_state", "map_param_state"]
+__all__ = ["MaskedState", "apply_updates", "masked_optimizer", "masks_from_state", "map_param_state"]

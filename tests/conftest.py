@@ -3,9 +3,15 @@
 XLA reads XLA_FLAGS once, when jax initialises its backend, so it must be set before anything imports jax.
 """
 import os
+import tempfile
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# One compilation cache for the session, shared with the CLI, example and benchmark subprocesses the tests start
+# (they inherit these variables): a program that several of them compile is compiled once. Fresh per session, so
+# no result depends on an earlier run.
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", tempfile.mkdtemp(prefix="jaxprune-tests-xla-cache-"))
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 
 from hypothesis import HealthCheck, settings  # noqa: E402
 

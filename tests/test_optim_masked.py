@@ -295,3 +295,19 @@ def test_state_is_a_namedtuple_with_the_masks():
   state = masked_optimizer(optax.sgd(0.1)).init(params)
   assert isinstance(state, MaskedState)
   chex.assert_trees_all_equal(state.masks, jaxprune.init_masks(params))
+
+
+def test_non_finite_pruned_params_land_on_zero_with_the_select():
+  """inf or NaN in a pruned entry: `p + (-p)` is NaN, so jaxprune.apply_updates selects exactly 0.0 there,
+  and leaves live entries as optax.apply_updates would."""
+  params = {"w": jnp.array([[jnp.inf, -jnp.inf], [jnp.nan, 2.0]], jnp.float32)}
+  masks = {"w": jnp.array([[False, False], [False, True]])}
+  opt = jaxprune.masked_optimizer(optax.adam(0.1), masks)
+  state = opt.init(params)
+  grads = {"w": jnp.ones((2, 2), jnp.float32)}
+  updates, state = opt.update(grads, state, params)
+  new = jaxprune.apply_updates(params, updates, masks)
+  np.testing.assert_array_equal(new["w"], [[0.0, 0.0], [0.0, optax.apply_updates(params, updates)["w"][1, 1]]])
+  assert not np.signbit(np.asarray(new["w"])[~np.asarray(masks["w"])]).any()
+  added = optax.apply_updates(params, updates)["w"]
+  assert np.isnan(np.asarray(added)[0, 0])  # why the select is needed: inf + (-inf)

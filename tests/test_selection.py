@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.utils.prune as tprune
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import jaxprune
@@ -27,7 +27,13 @@ def stable_smallest(keys: np.ndarray, k: int) -> np.ndarray:
   return picked
 
 
-@given(sizes=st.lists(st.integers(0, 40), min_size=1, max_size=5), data=st.data())
+# Each structure compiles its own program: sizes come from a few values so examples share programs, and the
+# keys (the cheap part to vary) carry the randomness.
+SIZES = st.sampled_from([0, 1, 6, 33])
+
+
+@settings(max_examples=20)
+@given(sizes=st.lists(SIZES, min_size=1, max_size=4), data=st.data())
 def test_many_arrays_rank_like_their_concatenation(sizes, data):
   keys = [np.asarray(data.draw(st.lists(st.integers(0, 5), min_size=n, max_size=n)), np.uint32) for n in sizes]
   flat = np.concatenate(keys)
@@ -36,7 +42,8 @@ def test_many_arrays_rank_like_their_concatenation(sizes, data):
   np.testing.assert_array_equal(np.concatenate([np.asarray(p) for p in picked]), stable_smallest(flat, k))
 
 
-@given(sizes=st.lists(st.integers(0, 30), min_size=1, max_size=20), data=st.data())
+@settings(max_examples=20)
+@given(sizes=st.lists(SIZES, min_size=1, max_size=20), data=st.data())
 def test_segments_rank_on_their_own(sizes, data):
   """One selection, one count per segment; 20 segments also exercise the narrow 8-bit digits."""
   keys = [np.asarray(data.draw(st.lists(st.integers(0, 300), min_size=n, max_size=n)), np.uint32) for n in sizes]

@@ -238,13 +238,13 @@ def _select_op(mode: str, segments: tuple[int, ...], magnitudes_of: Optional[str
         keys = jnp.where(live, keys, sentinel)
       if owned is not None:  # a replica that another device already counts
         keys = jnp.where(concat([jnp.full(v.size, o) for v, o in zip(values, owned)]), keys, sentinel)
+      shapes = full_shapes or [v.shape for v in values]
+      offsets = np.cumsum([0] + [int(np.prod(s, dtype=np.int64)) for s in shapes])
       segment_of = None
       if num_segments > 1:
         small = np.uint8 if num_segments <= 256 else np.int32
         segment_of = concat([jnp.full(v.size, s, small) for v, s in zip(values, segments)])
       if tied_at is not None:
-        shapes = full_shapes or [v.shape for v in values]
-        offsets = np.cumsum([0] + [int(np.prod(s, dtype=np.int64)) for s in shapes])
         pos_dtype = _position_dtype(int(offsets[-1]))
         if starts is None:  # laid end to end, an entry's position is its index in the buffer
           pos = lax.iota(pos_dtype, keys.size)
@@ -253,7 +253,7 @@ def _select_op(mode: str, segments: tuple[int, ...], magnitudes_of: Optional[str
                         for v, off, st, full in zip(values, offsets, starts, shapes)])
         own = tied_at[0] if segment_of is None else tied_at[segment_of]
         keys = jnp.where(keys == own, pos, _sentinel(pos_dtype))
-      return _radix_select(keys, segment_of, num_segments, k, reduce, positions=tied_at is not None)
+      return _radix_select(keys, segment_of, num_segments, k, reduce, int(offsets[-1]), positions=tied_at is not None)
 
   op = custom_partitioning(lambda k, *operands: run(k, operands))
 
@@ -290,7 +290,19 @@ def _select_op(mode: str, segments: tuple[int, ...], magnitudes_of: Optional[str
     return ", ".join(dims) + " -> " + ", ".join(next(factors) for _ in jax.tree.leaves(result_shape))
 
   op.def_partition(infer_sharding_from_operands=infer, partition=partition, sharding_rule=rule)
-  return op
+
+  # custom_partitioning has no batching rule: under vmap (per-layer pruning of stacked layers, say) each batch
+  # element runs the same selection unpartitioned, which jnp batches.
+  plain = lambda k, *operands: run(k, operands)  # noqa: E731
+  batchable = jax.custom_batching.custom_vmap(lambda k, *operands: op(k, *operands))
+
+  @batchable.def_vmap
+  def _(axis_size, in_batched, k, *operands):
+    del axis_size
+    out = jax.vmap(plain, in_axes=tuple(0 if b else None for b in in_batched))(k, *operands)
+    return out, jax.tree.map(lambda _: True, out)
+
+  return batchable
 
 
 def _run_op(mode: str, segments, magnitudes_of, has_cands, *args):
@@ -318,12 +330,16 @@ def _shard_index(mesh, names: tuple[str, ...]) -> jax.Array:
 
 
 def _radix_select(keys: jax.Array, segment_of: Optional[jax.Array], num_segments: int, k: jax.Array, reduce,
-                  positions: bool):
-  """Digit-by-digit k-th smallest of the 1-d unsigned ``keys``, per segment (``segment_of``: each key's)."""
+                  total: int, positions: bool):
+  """Digit-by-digit k-th smallest of the 1-d unsigned ``keys``, per segment (``segment_of``: each key's).
+
+  ``total`` is the number of keys on all devices: histograms are binned and summed in int32 below 2^31 keys (half
+  the bytes across devices), in int64 above.
+  """
   udtype = keys.dtype
   bits = _digit_bits(num_segments)
   buckets = 1 << bits
-  count_dtype = jnp.int32 if keys.size < np.iinfo(np.int32).max else jnp.int64
+  count_dtype = jnp.int32 if total < np.iinfo(np.int32).max else jnp.int64
   below = jnp.zeros(num_segments, jnp.int64)
   prefix = jnp.zeros(num_segments, udtype)
   nbits = 8 * np.dtype(udtype).itemsize
@@ -336,9 +352,8 @@ def _radix_select(keys: jax.Array, segment_of: Optional[jax.Array], num_segments
       high = np.array(shift + bits, udtype)
       own_prefix = prefix[0] if segment_of is None else prefix[segment_of]
       index = jnp.where((keys >> high) == (own_prefix >> high), index, num_segments * buckets)
-    hist = sum(jnp.zeros(num_segments * buckets, count_dtype).at[part].add(1, mode="drop").astype(jnp.int64)
-               for part in _chunks(index))
-    hist = reduce(hist).reshape(num_segments, buckets)
+    hist = sum(jnp.zeros(num_segments * buckets, count_dtype).at[part].add(1, mode="drop") for part in _chunks(index))
+    hist = reduce(hist).astype(jnp.int64).reshape(num_segments, buckets)
     below, bucket, ties = descend(hist, below, k)
     prefix = prefix | (bucket.astype(udtype) << np.array(shift, udtype))
   return prefix if positions else (prefix, below, ties)

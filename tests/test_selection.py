@@ -210,3 +210,13 @@ def test_torch_and_jaxprune_agree_with_bits_and_counts_on_a_float16_model():
   tprune.l1_unstructured(module, "weight", amount=0.37)
   np.testing.assert_array_equal(jaxprune.l1_unstructured(jnp.asarray(x.numpy()), 0.37),
                                 module.weight_mask.numpy() != 0)
+
+
+def test_vmap_over_stacked_layers_equals_each_layer_on_its_own():
+  """Scan-over-layers models hold one stacked array: vmapping a method over it, with a count per layer and ties at
+  every threshold, gives each layer's own mask."""
+  stacked = jnp.round(jax.random.normal(jax.random.key(0), (3, 6, 5)), 0)
+  counts = jnp.array([3, 10, 17])
+  masks = jax.vmap(jaxprune.l1_unstructured)(stacked, counts)
+  for layer, count, mask in zip(stacked, counts, masks):
+    np.testing.assert_array_equal(mask, jaxprune.l1_unstructured(layer, int(count)))

@@ -92,10 +92,11 @@ def _prune(name: str, params: PyTree, masks: PyTree, sparsity: jax.Array, key: O
   chosen = [i for i, ((_, x), m) in enumerate(zip(flat, flat_masks)) if is_masked(m, x)]
   if name == _GLOBAL:
     total = sum(flat[i][1].size for i in chosen)
-    live = sum(jnp.sum(flat_masks[i], dtype=jnp.int32) for i in chosen)
+    with jax.enable_x64(True):  # a model past 2^31 entries counts exactly; the count stays 64-bit into the selection
+      live = sum((jnp.sum(flat_masks[i], dtype=jnp.int64) for i in chosen), jnp.zeros((), jnp.int64))
+      count = _new_count(sparsity, jnp.int64(total), live)
     paths = {path_str(flat[i][0]) for i in chosen}
-    return global_unstructured(params, _new_count(sparsity, total, live), masks=masks,
-                               where=lambda path, _: path in paths)
+    return global_unstructured(params, count, masks=masks, where=lambda path, _: path in paths)
   amounts = {}
   for i in chosen:
     path, x = path_str(flat[i][0]), flat[i][1]

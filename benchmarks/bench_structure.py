@@ -233,7 +233,8 @@ def format_table(report: dict[str, Any]) -> str:
   s = lambda v: "-" if v != v else common.seconds(v)  # noqa: E731  (a contender left out of the run)
   for name, r in report["global"].items():
     ours, jit, torch, sort = (r.get(c, missing) for c in CONTENDERS)
-    rows.append([name, ours["n_leaves"], f"{ours['n_params'] / 1e6:.1f}M", s(ours["first_s"]), s(jit["first_s"]),
+    size = next(iter(r.values()))
+    rows.append([name, size["n_leaves"], f"{size['n_params'] / 1e6:.1f}M", s(ours["first_s"]), s(jit["first_s"]),
                  s(torch["first_s"]), s(sort["first_s"]), s(ours["steady_s"]), s(jit["steady_s"]),
                  s(torch["steady_s"]), s(sort["steady_s"]),
                  f"**{torch['steady_s'] / jit['steady_s']:.1f}x**", f"{torch['first_s'] / ours['first_s']:.1f}x"])

@@ -75,8 +75,7 @@ def num_to_prune(amount: Amount, size: Count) -> Count:
     amount = amount.item()
   if not isinstance(amount, (jax.Array, np.ndarray)) and isinstance(size, (int, np.integer)):
     if isinstance(amount, numbers.Integral):
-      if amount > size:
-        raise ValueError(f"amount={amount} should be smaller than the number of parameters to prune={size}")
+      check_count(amount, size)
       return int(amount)
     return int(round(amount * size))
   size_concrete = not _is_traced(size)
@@ -84,8 +83,8 @@ def num_to_prune(amount: Amount, size: Count) -> Count:
   count = jax.dtypes.canonicalize_dtype(np.int64)
   if isinstance(amount, numbers.Integral) or (
       isinstance(amount, (jax.Array, np.ndarray)) and jnp.issubdtype(amount.dtype, jnp.integer)):
-    if size_concrete and not _is_traced(amount) and int(amount) > int(size):
-      raise ValueError(f"amount={amount} should be smaller than the number of parameters to prune={int(size)}")
+    if size_concrete and not _is_traced(amount):
+      check_count(amount, size)
     return jnp.clip(jnp.asarray(amount).astype(count), 0, jnp.asarray(size).astype(count))
   dtype = _product_dtype(amount)
   # Rounding half-to-even of the double product decides ties such as 0.3 * 5 = 1.4999999999999998 -> 1.5 -> 2;
@@ -95,6 +94,12 @@ def num_to_prune(amount: Amount, size: Count) -> Count:
     k = jnp.round(jnp.clip(product, 0, None)).astype(jnp.int64)
     k = jnp.minimum(k, jnp.asarray(size).astype(jnp.int64))
   return k if count == np.int64 else k.astype(count)
+
+
+def check_count(amount, size) -> None:
+  """torch's error for an integer ``amount`` larger than the concrete number of units ``size`` left to prune."""
+  if int(amount) > int(size):
+    raise ValueError(f"amount={amount} should be smaller than the number of parameters to prune={int(size)}")
 
 
 def as_argument(amount: Amount):

@@ -55,10 +55,15 @@ def effective(x: jax.Array, mask: Optional[jax.Array]) -> jax.Array:
   return x if mask is None else mask.astype(x.dtype) * x
 
 
-def _abs_keys(scores: jax.Array) -> jax.Array:
+def check_rankable(scores: jax.Array) -> jax.Array:
+  """``scores`` if they can be ranked by magnitude (bool cannot)."""
   if scores.dtype == jnp.bool_:
     raise UnsupportedDtypeError("cannot rank bool scores: L1 needs a numeric tensor")
-  return selection.sortable_keys(scores, magnitude=True)
+  return scores
+
+
+def _abs_keys(scores: jax.Array) -> jax.Array:
+  return selection.sortable_keys(check_rankable(scores), magnitude=True)
 
 
 def live_count(live: Optional[jax.Array], size: int):

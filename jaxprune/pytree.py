@@ -20,7 +20,7 @@ import numpy as np
 
 from jaxprune import methods as _methods
 from jaxprune import selection
-from jaxprune.amounts import Amount, as_argument, from_argument, num_to_prune, validate_amount
+from jaxprune.amounts import Amount, as_argument, check_count, from_argument, num_to_prune, validate_amount
 
 PyTree = Any
 Predicate = Callable[[str, Any], bool]
@@ -220,9 +220,10 @@ def _check_count(path: Optional[str], amount, live) -> None:
     return
   if isinstance(amount, (numbers.Integral, np.integer)) or (
       isinstance(amount, (jax.Array, np.ndarray)) and jnp.issubdtype(amount.dtype, jnp.integer)):
-    if int(amount) > int(live):
-      err = ValueError(f"amount={amount} should be smaller than the number of parameters to prune={int(live)}")
-      raise err if path is None else _with_path(path, err)
+    try:
+      check_count(amount, live)
+    except ValueError as err:
+      raise err if path is None else _with_path(path, err) from None
 
 
 @functools.partial(jax.jit, static_argnames=("name", "kwargs", "paths", "indices"))
@@ -295,10 +296,7 @@ def global_unstructured(params: PyTree, amount: Amount, *, masks: Optional[PyTre
   for i in chosen:
     path, x = leaves[i][0], jnp.asarray(leaves[i][1])
     try:
-      score = _methods.check_scores(scores[i], x)
-      if score.dtype == jnp.bool_:
-        raise TypeError("cannot rank bool scores: L1 needs a numeric tensor")
-      ranked.append(score)
+      ranked.append(_methods.check_rankable(_methods.check_scores(scores[i], x)))
       live.append(_methods.check_mask(_old_mask(old_masks[i], x), x))
     except (ValueError, TypeError) as err:
       raise _with_path(path, err) from err

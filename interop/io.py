@@ -5,8 +5,12 @@
   (``.pt``/``.pth``/``.bin``).
 * safetensors are read here, with numpy, from a header that is checked in full first (no duplicate keys, known
   dtypes, shapes that fit their byte ranges, ranges inside the file): no torch needed, and a hostile header gives
-  a :class:`CheckpointError`, never a panic or an allocation the size of a lie. Key order, which safetensors does
-  not keep, is stored in the file's metadata and restored.
+  a :class:`CheckpointError`, never a panic or an allocation the size of a lie. Keys come in file order: the
+  order of the header, or, in a file written here, the order kept in its metadata (which also places tied keys).
+* safetensors are written here too, header and data in the state_dict's order (``safetensors.numpy.save_file``
+  would sort them), so the file itself keeps the order for any reader. A safetensors file cannot hold one tensor
+  under two names: as ``safetensors.torch.save_model`` does, tied keys (:mod:`interop.ties`) are stored once, under
+  the first key, and the metadata records the ties, which reading restores (the keys then share one array).
 * torch checkpoints are read only with ``torch.load(weights_only=True)``: a pickle that needs anything beyond
   tensors and plain containers (``os.system``, a model class, ...) is refused and nothing in it runs.
 * Every write goes to a private temporary folder beside the target, is flushed to disk, then renamed over the
@@ -32,11 +36,13 @@ from typing import Any, Iterator, Mapping, NamedTuple, Optional
 
 import numpy as np
 
-from interop import devices
+from interop import devices, ties as ties_lib
 from interop.errors import CheckpointError, DTypeError, UnsafeCheckpointError
 
 KEYS_METADATA = "interop.keys"
-"""safetensors metadata entry holding the state_dict's key order (a JSON list)."""
+"""safetensors metadata entry holding the state_dict's key order (a JSON list), tied keys included."""
+TIES_METADATA = "interop.ties"
+"""safetensors metadata entry holding the tie groups (a JSON list of key lists; the first key of each is stored)."""
 
 SAFETENSORS_DTYPES = {"BOOL": "bool", "U8": "uint8", "I8": "int8", "U16": "uint16", "I16": "int16",
                       "U32": "uint32", "I32": "int32", "U64": "uint64", "I64": "int64", "F16": "float16",
@@ -299,16 +305,32 @@ def _read_exactly(f, out: np.ndarray, path: str, name: str) -> None:
     view = view[n:]
 
 
+def _json_list(text: Optional[str]) -> Any:
+  try:
+    return json.loads(text) if text is not None else None
+  except ValueError:
+    return None
+
+
+def _stored_ties(metadata: Mapping[str, str], tensors: Mapping[str, Any]) -> dict[str, str]:
+  """alias -> stored key for the keys a writer dropped as duplicates: ``interop.ties`` (written here), or else
+  ``safetensors.torch.save_model``'s entries ``{dropped key: kept key}`` (a metadata key that names no tensor
+  and whose value names one)."""
+  groups = _json_list(metadata.get(TIES_METADATA))
+  if groups is not None:
+    return {alias: group[0] for group in groups if isinstance(group, list) and group and group[0] in tensors
+            for alias in group[1:] if isinstance(alias, str) and alias not in tensors}
+  return {k: v for k, v in metadata.items() if k not in tensors and v in tensors and not k.startswith(
+      ("interop.", "jaxprune.")) and k != "format"}
+
+
 def _read_safetensors(path: str) -> tuple[dict[str, np.ndarray], dict[str, str]]:
   header = read_header(path)
-  order = header.metadata.get(KEYS_METADATA)
-  try:
-    order = json.loads(order) if order is not None else None
-  except ValueError:
-    order = None
+  aliases = _stored_ties(header.metadata, header.tensors)
+  order = _json_list(header.metadata.get(KEYS_METADATA))
   if not (isinstance(order, list) and all(isinstance(k, str) for k in order)
-          and sorted(order) == sorted(header.tensors)):
-    order = list(header.tensors)
+          and sorted(order) == sorted([*header.tensors, *aliases])):
+    order = [*header.tensors, *aliases]  # file order; a dropped duplicate has no place there but after the rest
   arrays, memory = {}, _physical_memory()
   with open(path, "rb") as f:
     for name, (dtype, shape, begin, end) in sorted(header.tensors.items(), key=lambda kv: kv[1][2]):
@@ -322,6 +344,7 @@ def _read_safetensors(path: str) -> tuple[dict[str, np.ndarray], dict[str, str]]
         raise CheckpointError(f"{path}: tensor {name!r} ({end - begin:,} bytes) does not fit in memory") from None
       f.seek(header.data_start + begin)
       _read_exactly(f, arrays[name], path, name)
+  arrays.update((alias, arrays[stored]) for alias, stored in aliases.items())  # one array: the tie is back
   return {name: arrays[name] for name in order}, header.metadata
 
 
@@ -414,6 +437,7 @@ def read_metadata(path: "os.PathLike[str] | str") -> dict[str, str]:
 
 
 _SAFETENSORS_CODES = {name: code for code, name in SAFETENSORS_DTYPES.items()}
+_ALIGNMENT = 8  # the data starts at a multiple of 8 bytes, as safetensors' own writer pads its header
 
 
 def _safetensors_arrays(state_dict: Mapping[str, Any], path: str) -> dict[str, np.ndarray]:
@@ -423,8 +447,27 @@ def _safetensors_arrays(state_dict: Mapping[str, Any], path: str) -> dict[str, n
     if array.dtype.name not in _SAFETENSORS_CODES:
       raise DTypeError(f"{path}: tensor {name!r} is {array.dtype.name}, which safetensors cannot store; write a "
                        "torch checkpoint (.pt) instead")
+    if array.dtype.byteorder == ">":  # safetensors is little-endian
+      array = array.astype(array.dtype.newbyteorder("<"))
     arrays[name] = np.require(array, requirements="C")
   return arrays
+
+
+def write_safetensors(arrays: Mapping[str, np.ndarray], path: str, metadata: Mapping[str, str]) -> None:
+  """A safetensors file with header and data in ``arrays``' order (C-contiguous little-endian arrays)."""
+  header: dict[str, Any] = {"__metadata__": dict(metadata)} if metadata else {}
+  offset = 0
+  for name, array in arrays.items():
+    header[name] = {"dtype": _SAFETENSORS_CODES[array.dtype.name], "shape": list(array.shape),
+                    "data_offsets": [offset, offset + array.nbytes]}
+    offset += array.nbytes
+  raw = json.dumps(header, separators=(",", ":")).encode("utf-8")
+  raw += b" " * (-(8 + len(raw)) % _ALIGNMENT)
+  with open(path, "wb") as f:
+    f.write(len(raw).to_bytes(8, "little"))
+    f.write(raw)
+    for array in arrays.values():
+      f.write(array.reshape(-1).view(np.uint8).data)
 
 
 def save_state_dict(state_dict: Mapping[str, Any], path: "os.PathLike[str] | str", *,
@@ -433,7 +476,10 @@ def save_state_dict(state_dict: Mapping[str, Any], path: "os.PathLike[str] | str
   ``torch.save``.
 
   Args:
-    state_dict: key -> torch tensor or numpy array, in the order to keep.
+    state_dict: key -> torch tensor or numpy array, in the order to keep. Tied keys (one tensor under several
+      names, :func:`interop.ties.find_ties`) stay tied: ``torch.save`` keeps shared storage as it is; a safetensors
+      file stores the tensor once, under its first key, and records the ties, which :func:`load_state_dict`
+      restores.
     path: the target; an existing file is replaced only once the new one is complete.
     metadata: extra string metadata (safetensors only), e.g. ``{"interop.spec": spec.to_json()}``.
 
@@ -442,16 +488,24 @@ def save_state_dict(state_dict: Mapping[str, Any], path: "os.PathLike[str] | str
   """
   path = os.fspath(path)
   if path.endswith(".safetensors"):
-    from safetensors.numpy import save_file  # pylint: disable=import-outside-toplevel
-    arrays = _safetensors_arrays(state_dict, path)
-    meta = {KEYS_METADATA: json.dumps(list(arrays)), **(metadata or {})}
+    tied = ties_lib.find_ties(state_dict)
+    aliases = {key for group in tied for key in group[1:]}
+    arrays = _safetensors_arrays({k: v for k, v in state_dict.items() if k not in aliases}, path)
+    meta = {KEYS_METADATA: json.dumps(list(state_dict)), **(metadata or {})}
+    if tied:
+      meta[TIES_METADATA] = json.dumps([list(group) for group in tied])
     with atomic_write(path) as tmp:
-      save_file(arrays, tmp, metadata=meta)
+      write_safetensors(arrays, tmp, meta)
     return
   if metadata:
     raise ValueError(f"metadata is stored in safetensors files only, not in {path!r}")
   import torch  # pylint: disable=import-outside-toplevel
-  tensors = {name: value if devices.is_torch_tensor(value) else devices.torch_from_host(np.asarray(value))
-             for name, value in state_dict.items()}
+  tensors = {}
+  canonical = ties_lib.canonical_of(ties_lib.find_ties(state_dict))
+  for name, value in state_dict.items():  # numpy arrays tied in memory become one torch tensor, tied in the file
+    if name in canonical and canonical[name] != name:
+      tensors[name] = tensors[canonical[name]]
+    else:
+      tensors[name] = value if devices.is_torch_tensor(value) else devices.torch_from_host(np.asarray(value))
   with atomic_write(path) as tmp:
     torch.save(tensors, tmp)

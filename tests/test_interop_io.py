@@ -1,5 +1,6 @@
 """Files: safetensors without torch, .pt through weights_only=True, key order kept, writes atomic."""
 import errno
+import json
 import os
 import subprocess
 import sys
@@ -39,6 +40,55 @@ def test_safetensors_written_by_others_load_in_file_order(tmp_path):
   path = tmp_path / "foreign.safetensors"
   safetensors.torch.save_file(sd, str(path))
   assert interop.diff_state_dicts(interop.load_state_dict(path), sd, order=False) == []
+
+
+def test_safetensors_file_order_is_kept_on_write(tmp_path):
+  """A file from safetensors.torch.save_file (sorted by dtype, then name) reads in its header's order, and a file
+  written back keeps that order in its own header (any reader sees it), not only in the metadata."""
+  sd = {k: v.contiguous() for k, v in _sd().items()}
+  path, back = tmp_path / "foreign.safetensors", tmp_path / "back.safetensors"
+  safetensors.torch.save_file(sd, str(path))
+  loaded = interop.load_state_dict(path)
+  assert list(loaded) == list(interop.io.read_header(path).tensors) != list(sd)
+  interop.save_state_dict(interop.to_torch(*interop.from_torch(loaded, layout="flax")), back)
+  assert list(interop.io.read_header(back).tensors) == list(loaded)
+  assert interop.diff_state_dicts(interop.load_state_dict(back), loaded) == []
+  assert interop.diff_state_dicts(safetensors.torch.load_file(str(back)), loaded, order=False) == []
+
+
+class _Tied(nn.Module):
+  """An embedding whose weight the output head shares (GPT-2's lm_head/wte), beside an untied layer."""
+
+  def __init__(self):
+    super().__init__()
+    self.emb, self.mid, self.head = nn.Embedding(7, 3), nn.Linear(3, 3), nn.Linear(3, 7, bias=False)
+    self.head.weight = self.emb.weight
+
+
+def test_tied_tensors_are_stored_once_and_come_back_tied(tmp_path):
+  sd = _Tied().state_dict()
+  assert interop.ties.find_ties(sd) == (("emb.weight", "head.weight"),)
+  for suffix in (".safetensors", ".pt"):
+    path = tmp_path / f"tied{suffix}"
+    interop.save_state_dict(sd, path)
+    loaded = interop.load_state_dict(path)
+    assert interop.diff_state_dicts(loaded, sd) == []
+    assert interop.ties.find_ties(loaded) == (("emb.weight", "head.weight"),)
+  header = interop.io.read_header(tmp_path / "tied.safetensors")
+  assert list(header.tensors) == ["emb.weight", "mid.weight", "mid.bias"]  # what save_file refuses, stored once
+  assert json.loads(header.metadata["interop.ties"]) == [["emb.weight", "head.weight"]]
+
+
+def test_files_of_safetensors_save_model_get_their_ties_back(tmp_path):
+  model = _Tied()
+  path = tmp_path / "model.safetensors"
+  safetensors.torch.save_model(model, str(path))  # drops one key of the pair, names it in the metadata
+  loaded = interop.load_state_dict(path)
+  assert interop.diff_state_dicts(loaded, model.state_dict(), order=False) == []
+  assert interop.ties.find_ties(loaded) == ((next(iter(interop.io.read_header(path).tensors.keys() &
+                                                       {"emb.weight", "head.weight"})),
+                                             *({"emb.weight", "head.weight"} - interop.io.read_header(path)
+                                               .tensors.keys())),)
 
 
 def test_metadata_carries_the_spec(tmp_path):
@@ -88,7 +138,7 @@ def test_atomic_write_failure_leaves_the_old_file(tmp_path):
   assert _leftovers(tmp_path) == []
 
 
-@pytest.mark.parametrize("suffix,writer", [(".safetensors", "safetensors.numpy.save_file"), (".pt", "torch.save")])
+@pytest.mark.parametrize("suffix,writer", [(".safetensors", "interop.io.write_safetensors"), (".pt", "torch.save")])
 def test_save_state_dict_failing_mid_write(tmp_path, monkeypatch, suffix, writer):
   """A disk that fills up half way: no partial checkpoint, no temp file, no missing old file."""
   path = tmp_path / f"model{suffix}"
@@ -96,7 +146,7 @@ def test_save_state_dict_failing_mid_write(tmp_path, monkeypatch, suffix, writer
   interop.save_state_dict(_sd(), path)
   before = path.read_bytes()
 
-  def full_disk(_, target, **__):
+  def full_disk(_, target, *__, **___):
     with open(target, "wb") as f:
       f.write(before[:len(before) // 2])
     raise OSError(errno.ENOSPC, "No space left on device")

@@ -10,10 +10,10 @@ Which rule applies to a module, in order:
    fit it is an error;
 2. when a torch module is given, a rule one of whose ``torch_types`` is a class in the submodule's MRO (forced too);
    a module of a type no rule names keeps torch's names and shapes;
-3. without a torch module, the first rule that covers every tensor name of the module with fitting ranks (names
-   and ranks are distinctive: a 2-d ``weight`` is a Linear, a 3- to 5-d one a Conv, ``running_mean`` a BatchNorm;
-   an Embedding's 2-d ``weight`` looks like a Linear's, so embeddings need the module or a ``where`` rule, while
-   on the way back Flax's ``embedding`` name is unambiguous).
+3. without a torch module, the rules that cover every tensor name of the module with fitting ranks and shapes (a
+   2-d ``weight`` is a Linear, an Embedding or a Hugging Face ``Conv1D``, a 3- to 5-d one a Conv, ``running_mean``
+   a BatchNorm); where several do, :mod:`interop.inference` decides by the module's name, its shapes and its
+   neighbours, and records the keys it is unsure of. On the way back Flax's ``embedding`` name is unambiguous.
 
 Tensors no rule covers keep their torch name and shape, in ``params`` (parameters) or ``buffers`` (buffers).
 """
@@ -48,6 +48,9 @@ class TensorMap(NamedTuple):
   name: str
   transform: Transform = IDENTITY
   ndims: Optional[tuple[int, ...]] = None
+  matches: Optional[tuple[str, int]] = None
+  """``(tensor, axis)``: this 1-d tensor's length is that torch axis of the module's other tensor (a Linear's bias
+  matches its weight's axis 0, a ``Conv1D``'s axis 1); checked when a rule is inferred from torch shapes."""
 
   def fits(self, ndim: int) -> bool:
     return self.ndims is None or ndim in self.ndims
@@ -61,11 +64,14 @@ class LayoutRule(NamedTuple):
     tensors: torch tensor name (``"weight"``) -> :class:`TensorMap`.
     torch_types: names of torch classes the rule is for; a class anywhere in a module's MRO matches.
     where: a regex searched in module paths (``"layer1.0.conv1"``); matching modules get this rule, no matter what.
+    names: a regex searched in module paths that makes this rule the likely one when it is inferred without a
+      torch module (``wte`` is an embedding); unlike ``where``, it only breaks ties between rules that fit.
   """
   kind: str
   tensors: Mapping[str, TensorMap]
   torch_types: tuple[str, ...] = ()
   where: Optional[str] = None
+  names: Optional[str] = None
 
   def flax_names(self) -> dict[tuple[str, str], tuple[str, TensorMap]]:
     """``(collection, flax name) -> (torch name, TensorMap)``: the rule read backwards."""
@@ -81,8 +87,9 @@ BATCHNORM = LayoutRule("batchnorm", {
 }, torch_types=("_BatchNorm",))
 LINEAR_RULE = LayoutRule("linear", {
     "weight": TensorMap("params", "kernel", LINEAR, ndims=(2,)),
-    "bias": TensorMap("params", "bias", ndims=(1,)),
-}, torch_types=("Linear",))
+    "bias": TensorMap("params", "bias", ndims=(1,), matches=("weight", 0)),
+}, torch_types=("Linear",),
+                         names=r"(^|\.)(?!c_)(\w*_)?(head|classifier|proj|dense|query|key|value|fc\d*|linear\d*)$")
 CONV_RULE = LayoutRule("conv", {
     "weight": TensorMap("params", "kernel", CONV, ndims=(3, 4, 5)),
     "bias": TensorMap("params", "bias", ndims=(1,)),
@@ -90,20 +97,30 @@ CONV_RULE = LayoutRule("conv", {
 NORM_RULE = LayoutRule("norm", {"weight": TensorMap("params", "scale"), "bias": TensorMap("params", "bias")},
                        torch_types=("LayerNorm", "GroupNorm", "RMSNorm", "_InstanceNorm"))
 EMBEDDING_RULE = LayoutRule("embedding", {"weight": TensorMap("params", "embedding", ndims=(2,))},
-                            torch_types=("Embedding",))
+                            torch_types=("Embedding",),
+                            names=r"(^|\.)(\w+_)?(embeddings?|embed(_\w+)?|wte|wpe)$")
+CONV1D_HF_RULE = LayoutRule("conv1d_hf", {
+    "weight": TensorMap("params", "kernel", IDENTITY, ndims=(2,)),  # stored (in, out) already: no transpose
+    "bias": TensorMap("params", "bias", ndims=(1,), matches=("weight", 1)),
+}, torch_types=("Conv1D",), names=r"(^|\.)c_(attn|proj|fc)$|(^|\.)(attn|mlp)\.c_\w+$")
+"""Hugging Face's ``Conv1D`` (GPT-2's ``c_attn``, ``c_proj``, ``c_fc``): a dense layer whose weight is (in, out)."""
+TORCH_RULE = LayoutRule("torch", {})
+"""Keeps torch's names and shapes (forced with :func:`rule_for`, e.g. for a module inference would map)."""
 
-BUILTIN_RULES: tuple[LayoutRule, ...] = (BATCHNORM, LINEAR_RULE, CONV_RULE, NORM_RULE, EMBEDDING_RULE)
-"""Tried in this order after the user's rules; ``LINEAR_RULE`` before ``EMBEDDING_RULE`` makes a bare 2-d
-``weight`` a Linear."""
+BUILTIN_RULES: tuple[LayoutRule, ...] = (BATCHNORM, LINEAR_RULE, CONV_RULE, NORM_RULE, EMBEDDING_RULE,
+                                         CONV1D_HF_RULE)
+"""Tried in this order after the user's rules; where several fit a module, the first is the default guess."""
+KINDS: tuple[str, ...] = (*(r.kind for r in BUILTIN_RULES), TORCH_RULE.kind)
 
 
 def rule_for(kind: str, where: str) -> LayoutRule:
-  """A built-in rule (``"linear"``, ``"conv"``, ``"batchnorm"``, ``"norm"``, ``"embedding"``) forced onto the
-  modules whose path matches the regex ``where``, e.g. ``rule_for("embedding", r"(^|\\.)tok_emb$")``."""
-  for rule in BUILTIN_RULES:
+  """A built-in rule (one of :data:`KINDS`: ``"linear"``, ``"conv"``, ``"batchnorm"``, ``"norm"``,
+  ``"embedding"``, ``"conv1d_hf"``, or ``"torch"`` to keep torch's layout) forced onto the modules whose path
+  matches the regex ``where``, e.g. ``rule_for("embedding", r"(^|\\.)tok_emb$")``."""
+  for rule in (*BUILTIN_RULES, TORCH_RULE):
     if rule.kind == kind:
-      return rule._replace(where=where, torch_types=())
-  raise ValueError(f"unknown layout kind {kind!r}; built-in kinds: {[r.kind for r in BUILTIN_RULES]}")
+      return rule._replace(where=where, torch_types=(), names=None)
+  raise ValueError(f"unknown layout kind {kind!r}; known kinds: {list(KINDS)}")
 
 
 def _covers(rule: LayoutRule, names: Mapping, side: str) -> bool:
@@ -137,10 +154,29 @@ def select_rule(rules: Sequence[LayoutRule], path: str, names: Mapping, *, types
       if rule.where is None and set(rule.torch_types) & set(types):
         return rule, True
     return None, False
-  for rule in candidates:
-    if rule.where is None and _covers(rule, names, side):
-      return rule, False
-  return None, False
+  fitting = [rule for rule in candidates if rule.where is None and _covers(rule, names, side)]
+  hinted = [rule for rule in fitting if rule.names is not None and re.search(rule.names, path)]
+  return next(iter(hinted or fitting), None), False
+
+
+def covering(rules: Sequence[LayoutRule], names: Mapping[str, int]) -> list[LayoutRule]:
+  """Every rule (the user's, then the built-in ones; none with a ``where``) that covers torch tensor names with
+  these ranks, one per kind."""
+  out: dict[str, LayoutRule] = {}
+  for rule in (*rules, *BUILTIN_RULES):
+    if rule.where is None and _covers(rule, names, "torch"):
+      out.setdefault(rule.kind, rule)
+  return list(out.values())
+
+
+def consistent(rule: LayoutRule, shapes: Mapping[str, Sequence[int]]) -> bool:
+  """Whether the module's torch shapes agree with the rule's ``matches`` (a bias as long as the right axis)."""
+  for name, tm in rule.tensors.items():
+    if tm.matches is not None and name in shapes and tm.matches[0] in shapes:
+      other, axis = tm.matches
+      if len(shapes[other]) <= axis or tuple(shapes[name])[:1] != (shapes[other][axis],):
+        return False
+  return True
 
 
 def check_fit(rule: LayoutRule, path: str, key: str, tm: TensorMap, shape: Sequence[int]) -> None:

@@ -23,7 +23,7 @@ from typing import Any, Callable, Mapping, NamedTuple, Optional, Sequence, Union
 import numpy as np
 from flax import traverse_util
 
-from interop import devices, io, layouts
+from interop import devices, inference, io, layouts, ties as ties_lib
 from interop.errors import DuplicateKeyError, InteropError, LayoutError, MaskError, PairingError
 from jaxprune import UNMASKED, apply_masks, is_masked
 
@@ -64,12 +64,24 @@ class Entry(NamedTuple):
 
 
 class TorchSpec(NamedTuple):
-  """Everything :func:`to_torch` needs to rebuild the torch state_dict bit for bit (JSON-serialisable)."""
+  """Everything :func:`to_torch` needs to rebuild the torch state_dict bit for bit (JSON-serialisable).
+
+  Attributes:
+    layout: ``"torch"`` or ``"flax"``.
+    entries: one :class:`Entry` per torch key, in order.
+    ties: groups of keys that are one tensor in torch (:mod:`interop.ties`), first key first. Every key of a group
+      has the first key's place in JAX (one leaf, one mask: pruning one prunes all) and :func:`to_torch` gives
+      them one tensor again.
+    uncertain: ``(key, note)`` for each key whose Flax layout was inferred with doubt (:mod:`interop.inference`).
+  """
   layout: str
   entries: tuple[Entry, ...]
+  ties: ties_lib.Ties = ()
+  uncertain: tuple[tuple[str, str], ...] = ()
 
   def to_json(self) -> str:
-    return json.dumps({"layout": self.layout, "entries": [list(e) for e in self.entries]})
+    return json.dumps({"layout": self.layout, "entries": [list(e) for e in self.entries],
+                       "ties": [list(g) for g in self.ties], "uncertain": [list(u) for u in self.uncertain]})
 
   @classmethod
   def from_json(cls, text: str) -> "TorchSpec":
@@ -78,7 +90,13 @@ class TorchSpec(NamedTuple):
       data = json.loads(text)
       if not (isinstance(data, dict) and data.get("layout") in LAYOUTS and isinstance(data.get("entries"), list)):
         raise ValueError('expected {"layout": "torch" | "flax", "entries": [...]}')
-      return cls(data["layout"], tuple(_entry(row) for row in data["entries"]))
+      entries = tuple(_entry(row) for row in data["entries"])
+      uncertain = data.get("uncertain", [])
+      if not (isinstance(uncertain, list) and all(isinstance(u, list) and len(u) == 2 and all(
+          isinstance(x, str) for x in u) for u in uncertain)):
+        raise ValueError(f"uncertain must be a list of [key, note] pairs, got {uncertain!r}")
+      ties = ties_lib.check_ties(data.get("ties", []), {e.key: e for e in entries})
+      return cls(data["layout"], entries, ties, tuple(tuple(u) for u in uncertain))
     except (ValueError, TypeError) as err:  # JSONDecodeError is a ValueError
       raise InteropError(f"malformed TorchSpec: {err}") from None
 
@@ -234,11 +252,12 @@ def _check_layout(layout: str) -> None:
     raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
 
 
-def _check_unique(entries: Sequence[Entry]) -> None:
-  """No two tensors on one JAX leaf, and no leaf where another tensor needs a subtree."""
+def _check_unique(entries: Sequence[Entry], aliases: frozenset = frozenset()) -> None:
+  """No two tensors on one JAX leaf (but tied keys, ``aliases``, on their first key's), and no leaf where another
+  tensor needs a subtree."""
   seen: dict[tuple, str] = {}
   for e in entries:
-    if e.role == "mask":
+    if e.role == "mask" or e.key in aliases:
       continue
     slot = (e.collection, *e.path)
     if slot in seen:
@@ -251,21 +270,54 @@ def _check_unique(entries: Sequence[Entry]) -> None:
                                 f"needs {'/'.join(slot[:end])!r} to be a subtree (for {'/'.join(slot)!r})")
 
 
+def _param_key(key: str, role: Optional[str]) -> str:
+  """The key of the tensor a mask belongs to (``X_orig`` for ``X_mask``); the key itself otherwise."""
+  return key[:-len(MASK)] + ORIG if role == "mask" else key
+
+
+def _tie(placed: dict[str, tuple], ties: ties_lib.Ties, roles: Mapping[str, str]) -> ties_lib.Ties:
+  """Moves every tied key (and its mask) onto its group's first key's place; returns the groups that hold 2+
+  tensors (masks are not tied themselves: they follow their params)."""
+  groups = tuple(g for g in (tuple(k for k in group if roles[k] != "mask") for group in ties) if len(g) > 1)
+  home = ties_lib.canonical_of(groups)
+  for key, (role, collection, path, perm) in placed.items():
+    first = home.get(_param_key(key, role))
+    if first is not None and first != _param_key(key, role):
+      first_role, first_collection, first_path, first_perm = placed[first]
+      if (first_collection == "params") != (collection == "params"):
+        raise LayoutError(f"{key!r} ({role}) and {first!r} ({first_role}) are one tensor, but one is a parameter "
+                          "and the other a buffer")
+      placed[key] = (role, first_collection, first_path, first_perm)
+  return groups
+
+
 def build_spec(meta: Meta, layout: str = "torch", rules: Sequence[layouts.LayoutRule] = (),
-               infos: Optional[Mapping[str, ModuleInfo]] = None) -> TorchSpec:
+               infos: Optional[Mapping[str, ModuleInfo]] = None, ties: ties_lib.Ties = ()) -> TorchSpec:
   """The :class:`TorchSpec` of a state_dict given as ``key -> (shape, dtype)``, in its key order.
+
+  ``ties`` are groups of keys that share one tensor (:func:`interop.ties.find_ties`).
 
   Raises:
     PairingError, MaskError (shapes), LayoutError, DuplicateKeyError: see :func:`from_torch`.
   """
   _check_layout(layout)
   rows = _classify(meta, infos)
-  placed, by_kind = {}, {}
-  for prefix, group in itertools.groupby(sorted(rows, key=lambda r: r[2]), key=lambda r: r[2]):
-    group = list(group)
+  modules: dict[str, list] = {}
+  for row in rows:
+    modules.setdefault(row[2], []).append(row)
+  inferred = {}
+  if layout == "flax" and infos is None:  # only the Flax layout depends on which rule fits best
+    inferred = inference.infer(rules, {prefix: {base: meta[key][0] for key, role, _, base in group if role != "mask"}
+                                       for prefix, group in modules.items()
+                                       if layouts.rule_by_path(rules, prefix) is None})
+  placed, by_kind, uncertain = {}, {}, []
+  for prefix, group in modules.items():
     names = {base: len(meta[key][0]) for key, role, _, base in group if role != "mask"}
     types = infos[prefix].types if infos is not None else None
-    if layouts.rule_by_path(rules, prefix) is None:  # else the rule depends on the path, not only the kind
+    if prefix in inferred:
+      (rule, doubt), forced = inferred[prefix], False
+      uncertain += [(key, doubt) for key, role, _, _ in group if doubt is not None and role != "mask"]
+    elif layouts.rule_by_path(rules, prefix) is None:  # else the rule depends on the path, not only the kind
       kind = (frozenset(names.items()), types)  # modules of one kind get one rule: looked up once per kind
       if kind not in by_kind:
         by_kind[kind] = layouts.select_rule(rules, prefix, names, types=types)
@@ -288,9 +340,10 @@ def build_spec(meta: Meta, layout: str = "torch", rules: Sequence[layouts.Layout
         raise LayoutError(f"{key!r} is pruned, but layout rule {rule.kind!r} puts it in collection {collection!r}; "
                           "masks exist for 'params' only")
       placed[key] = (role, collection, (*_parts(prefix), name), perm)
+  ties = _tie(placed, ties, {key: placed[key][0] for key in placed})
   entries = tuple(Entry(key, *placed[key], dtype, tuple(shape)) for key, (shape, dtype) in meta.items())
-  _check_unique(entries)
-  return TorchSpec(layout, entries)
+  _check_unique(entries, frozenset(k for group in ties for k in group[1:]))
+  return TorchSpec(layout, entries, ties, tuple(uncertain))
 
 
 def _torch_shape(shape: Sequence[int], perm: Sequence[int]) -> tuple[int, ...]:
@@ -396,15 +449,23 @@ def from_torch(source: Any, *, layout: str = "torch", module: Any = None,
     CheckpointError: an unreadable, truncated or unsafe checkpoint file.
   """
   state_dict, module, owned = _source(source, module, key)
-  spec = build_spec(_meta(state_dict), layout, rules, None if module is None else module_infos(module))
+  spec = build_spec(_meta(state_dict), layout, rules, None if module is None else module_infos(module),
+                    ties_lib.find_ties(state_dict))
+  aliases = {k: group[0] for group in spec.ties for k in group[1:]}
   trees: dict[str, dict] = {}
-  masks = {}
+  masks, mask_keys = {}, {}
   for e in spec.entries:
+    if e.key in aliases:  # one tensor: its first key's leaf holds it
+      continue
     placement = devices.resolve_placement(device, "/".join(("params", *e.path)) if e.role == "mask"
                                           else e.jax_name(), e.jax_shape())
     value = state_dict[e.key]
     if e.role == "mask":
-      masks[e.path] = devices.mask_to_jax(value, placement, perm=e.perm, key=e.key)
+      mask = devices.mask_to_jax(value, placement, perm=e.perm, key=e.key)
+      if e.path in masks and not np.array_equal(np.asarray(masks[e.path]), np.asarray(mask)):
+        raise MaskError(f"{e.key!r} and {mask_keys[e.path]!r} are masks of one tied tensor, and they differ; JAX "
+                        "holds one mask per tensor (prune tied parameters with one mask, or untie them first)")
+      masks[e.path], mask_keys[e.path] = mask, e.key
     else:
       trees.setdefault(e.collection, {})[e.path] = devices.to_jax(value, placement, perm=e.perm,
                                                                    copy=copy and not owned, key=e.key)
@@ -415,7 +476,8 @@ def from_torch(source: Any, *, layout: str = "torch", module: Any = None,
 
 
 def _reconcile(entries: Sequence[Entry], masked: Callable[[Entry], bool]) -> list[Entry]:
-  """The spec's entries after the pruning changes made in JAX, ordered as torch's prune/remove would."""
+  """The spec's entries after the pruning changes made in JAX, ordered as torch's prune/remove would; a module
+  without changes keeps its keys in the spec's order (a file's order, which need not be torch's)."""
   out = []
   for _, group in itertools.groupby(entries, key=lambda e: split_key(e.key)[0]):
     group = list(group)
@@ -430,6 +492,9 @@ def _reconcile(entries: Sequence[Entry], masked: Callable[[Entry], bool]) -> lis
         removed.add(e.path)
       else:
         kept.append(e)
+    if not appended:
+      out += group
+      continue
     buffers = [e for e in group if e.role == "buffer" or (e.role == "mask" and e.path not in removed)]
     out += kept + appended + buffers + new_masks
   return out
@@ -496,23 +561,35 @@ def to_torch(params: PyTree, masks: Optional[PyTree] = None, buffers: Optional[M
   flat_masks = traverse_util.flatten_dict(masks) if masks is not None else {}
   if spec is None:
     if module is not None:
-      spec = build_spec(_meta(module.state_dict(keep_vars=True)), layout, rules, module_infos(module))
+      state = module.state_dict(keep_vars=True)
+      spec = build_spec(_meta(state), layout, rules, module_infos(module), ties_lib.find_ties(state))
     else:
       spec = spec_from_trees(leaves, layout, rules)
 
+  group_of = {key: group for group in spec.ties for key in group}
+  roles = {e.key: e.role for e in spec.entries}
+
   def masked(e: Entry) -> bool:
-    return e.collection == "params" and is_masked(flat_masks.get(e.path, UNMASKED), leaves.get(("params", *e.path)))
+    now = e.collection == "params" and is_masked(flat_masks.get(e.path, UNMASKED), leaves.get(("params", *e.path)))
+    group = group_of.get(e.key)
+    if group is None:
+      return now
+    # A tied tensor has one leaf and one mask: its keys keep their roles (torch may have pruned one of them only)
+    # until the leaf's pruning changes, which then changes them all.
+    return e.role == "orig" if now == any(roles[k] == "orig" for k in group) else now
 
   entries = _reconcile(spec.entries, masked)
   _check_leaves(entries, leaves, flat_masks)
-  out = {}
-  for e in entries:
-    back = devices.inverse_perm(e.perm)
-    if e.role == "mask":
-      out[e.key] = devices.mask_to_torch(flat_masks[e.path], e.dtype, perm=back, tensors=tensors)
-    else:
-      out[e.key] = devices.to_torch_tensor(leaves[(e.collection, *e.path)], e.dtype, perm=back, copy=copy,
-                                           tensors=tensors)
+  out, made = {}, {}
+  for e in entries:  # one tensor per leaf and one per mask: tied keys get one tensor again
+    slot = (e.role == "mask", e.collection, *e.path)
+    if slot not in made:
+      back = devices.inverse_perm(e.perm)
+      made[slot] = (devices.mask_to_torch(flat_masks[e.path], e.dtype, perm=back, tensors=tensors)
+                    if e.role == "mask" else
+                    devices.to_torch_tensor(leaves[(e.collection, *e.path)], e.dtype, perm=back, copy=copy,
+                                            tensors=tensors))
+    out[e.key] = made[slot]
   return permanent_state_dict(out) if permanent else out
 
 
@@ -531,13 +608,26 @@ def permanent_state_dict(state_dict: Mapping[str, Any]) -> dict[str, Any]:
   Every ``X_orig``/``X_mask`` pair becomes ``X = X_mask * X_orig`` at ``X_orig``'s place (torch's order when
   tensors are removed in the order they were pruned); the rest is passed through. The result loads into an
   unpruned model. Works on torch tensors and numpy arrays.
+
+  Tied keys (:mod:`interop.ties`) stay one tensor: as ``prune.remove`` writes the masked values into the shared
+  parameter (``orig.data = ...``), every key of the group gets the product of the group's masks, also a key torch
+  never pruned (GPT-2's ``transformer.wte.weight`` after ``lm_head.weight`` was pruned and removed).
   """
+  rows = _classify(_meta(state_dict), None)
+  folded: dict[str, Any] = {}
+  for group in ties_lib.find_ties({key: state_dict[key] for key, role, _, _ in rows if role != "mask"}):
+    value = state_dict[group[0]]
+    for key in group:
+      if key.endswith(ORIG) and key[:-len(ORIG)] + MASK in state_dict:
+        value = _fold(value, state_dict[key[:-len(ORIG)] + MASK])
+    folded.update((key, value) for key in group)
   out = {}
-  for key, role, prefix, base in _classify(_meta(state_dict), None):
+  for key, role, prefix, base in rows:
     if role == "orig":
-      out[_join(prefix, base)] = _fold(state_dict[key], state_dict[_join(prefix, base) + MASK])
+      out[_join(prefix, base)] = folded[key] if key in folded else _fold(state_dict[key],
+                                                                         state_dict[_join(prefix, base) + MASK])
     elif role != "mask":
-      out[key] = state_dict[key]
+      out[key] = folded.get(key, state_dict[key])
   return out
 
 
@@ -582,17 +672,19 @@ def tensor_stats(state_dict: Mapping[str, Any], layout: str = "torch") -> tuple[
   speed, with no device transfer per tensor.
 
   Returns:
-    The spec and one :class:`TensorStats` per param (buffers are in the spec only), in the state_dict's order.
+    The spec and one :class:`TensorStats` per param (buffers are in the spec only; tied keys, ``spec.ties``, once),
+    in the state_dict's order.
 
   Raises:
     As :func:`from_torch`.
   """
-  spec = build_spec(_meta(state_dict), layout)
+  spec = build_spec(_meta(state_dict), layout, ties=ties_lib.find_ties(state_dict))
+  aliases = {key for group in spec.ties for key in group[1:]}
   masks = {e.path: devices.binary_mask_host(devices.host_view(state_dict[e.key]), e.key)
            for e in spec.entries if e.role == "mask"}
   stats = []
   for e in spec.entries:
-    if e.role == "mask":
+    if e.role == "mask" or e.key in aliases:  # a tied tensor is counted once, under its first key
       continue
     view = devices.host_view(state_dict[e.key])
     devices.narrowed_dtype(view, e.key)

@@ -1,0 +1,76 @@
+"""Which layout rule each module of a bare state_dict gets in Flax layout, and which keys that is unsure of.
+
+Without a torch module, a module's tensor names and ranks often fit several rules: a 2-d ``weight`` with a
+``bias`` is a Linear (out, in) or a Hugging Face ``Conv1D`` (in, out); a 2-d ``weight`` alone is also an Embedding
+(vocab, dim). The evidence, strongest first:
+
+1. shapes: a bias as long as the weight's axis 0 is a Linear's, as long as axis 1 a ``Conv1D``'s (rule
+   ``matches``);
+2. the module's name: a rule's ``names`` regex (``wte``, ``*_embeddings``, ``c_attn``, ``query``, ...);
+3. neighbours: the rule every other module under the same parent got by 1 or 2 (GPT-2's square ``attn.c_proj``
+   beside ``attn.c_attn``); for a bare 2-d weight, a first axis as long as a vocabulary (an embedding found by 1
+   or 2) means an embedding;
+4. otherwise the first rule that fits: in doubt when a module of the checkpoint was found to be of one of the
+   other kinds, or when it is a bare 2-d weight (a bias-free Linear or an Embedding).
+
+Every module decided at step 3 from a vocabulary or at step 4 with doubt is reported (its keys, and what else it
+could be), never guessed silently; a ``where`` rule or ``module=`` settles it.
+"""
+from __future__ import annotations
+
+import re
+from typing import Mapping, Optional, Sequence
+
+from interop import layouts
+from interop.layouts import LayoutRule
+
+Shapes = Mapping[str, tuple[int, ...]]
+
+
+def _parent(path: str) -> str:
+  return path.rpartition(".")[0]
+
+
+def _by_name(fitting: Sequence[LayoutRule], path: str) -> list[LayoutRule]:
+  return [rule for rule in fitting if rule.names is not None and re.search(rule.names, path)]
+
+
+def infer(rules: Sequence[LayoutRule], modules: Mapping[str, Shapes]
+          ) -> dict[str, tuple[Optional[LayoutRule], Optional[str]]]:
+  """``path -> (rule, doubt)`` for modules given as ``path -> {torch name: shape}``; ``doubt`` is None or a note
+  of what else the module could be."""
+  out: dict[str, tuple[Optional[LayoutRule], Optional[str]]] = {}
+  pending: dict[str, list[LayoutRule]] = {}
+  cache: dict[frozenset, list[LayoutRule]] = {}
+  for path, shapes in modules.items():
+    kind = frozenset((name, len(shape)) for name, shape in shapes.items())
+    if kind not in cache:
+      cache[kind] = layouts.covering(rules, dict(kind))
+    fitting = [rule for rule in cache[kind] if layouts.consistent(rule, shapes)] or cache[kind]
+    fitting = _by_name(fitting, path)[:1] or fitting
+    if len(fitting) <= 1:
+      out[path] = (next(iter(fitting), None), None)
+    else:
+      pending[path] = fitting
+  found = {rule.kind for rule, _ in out.values() if rule is not None}
+  vocabularies = {shapes["weight"][0] for path, shapes in modules.items()
+                  if path in out and out[path][0] is not None and out[path][0].kind == "embedding"}
+  siblings: dict[str, set[str]] = {}
+  for path, (rule, _) in out.items():
+    if rule is not None:
+      siblings.setdefault(_parent(path), set()).add(rule.kind)
+  for path, fitting in pending.items():
+    kinds = [rule.kind for rule in fitting]
+    near = siblings.get(_parent(path), set()) & set(kinds)
+    weight = modules[path].get("weight", ())
+    if len(near) == 1:
+      out[path] = (fitting[kinds.index(near.pop())], None)
+    elif "embedding" in kinds and set(modules[path]) == {"weight"} and weight[:1] and weight[0] in vocabularies:
+      out[path] = (fitting[kinds.index("embedding")], f"its first axis ({weight[0]}) is a vocabulary's, so "
+                   f"taken for an embedding; could be {' or '.join(k for k in kinds if k != 'embedding')}")
+    else:
+      others = kinds[1:]
+      bare = "embedding" in others and set(modules[path]) == {"weight"}  # a bias-free Linear or an Embedding
+      doubt = f"taken for {kinds[0]}; could be {' or '.join(others)}" if bare or found & set(others) else None
+      out[path] = (fitting[0], doubt)
+  return out

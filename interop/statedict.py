@@ -664,12 +664,13 @@ class TensorStats(NamedTuple):
   zeros: int
 
 
-def tensor_stats(state_dict: Mapping[str, Any], layout: str = "torch") -> tuple[TorchSpec, list[TensorStats]]:
+def tensor_stats(state_dict: Mapping[str, Any], layout: str = "torch", *, module: Any = None,
+                 rules: Sequence[layouts.LayoutRule] = ()) -> tuple[TorchSpec, list[TensorStats]]:
   """Checks a state_dict as :func:`from_torch` would and counts the zeros of every param, on the host only.
 
-  Every check of :func:`from_torch` runs (pairs, 0/1 masks, layout rules, dtypes JAX can hold with
-  ``jax_enable_x64`` as it is), but no JAX array is made: a state_dict of many small tensors is counted at numpy's
-  speed, with no device transfer per tensor.
+  ``module`` and ``rules`` are :func:`from_torch`'s. Every check of :func:`from_torch` runs (pairs, 0/1 masks,
+  layout rules, dtypes JAX can hold with ``jax_enable_x64`` as it is), but no JAX array is made: a state_dict of
+  many small tensors is counted at numpy's speed, with no device transfer per tensor.
 
   Returns:
     The spec and one :class:`TensorStats` per param (buffers are in the spec only; tied keys, ``spec.ties``, once),
@@ -678,7 +679,8 @@ def tensor_stats(state_dict: Mapping[str, Any], layout: str = "torch") -> tuple[
   Raises:
     As :func:`from_torch`.
   """
-  spec = build_spec(_meta(state_dict), layout, ties=ties_lib.find_ties(state_dict))
+  spec = build_spec(_meta(state_dict), layout, rules, None if module is None else module_infos(module),
+                    ties_lib.find_ties(state_dict))
   aliases = {key for group in spec.ties for key in group[1:]}
   masks = {e.path: devices.binary_mask_host(devices.host_view(state_dict[e.key]), e.key)
            for e in spec.entries if e.role == "mask"}

@@ -274,10 +274,16 @@ def write_torch(state_dict: dict, path: str) -> None:
   write_atomically(path, lambda tmp: interop.save_state_dict(state_dict, tmp))
 
 
-def _jax_trees(state_dict: dict) -> tuple[dict, str]:
+class FlaxLayout(NamedTuple):
+  """How ``convert --layout flax`` maps modules: ``--module``'s torch model and ``--layout-rules``' rules."""
+  module: Any = None
+  rules: tuple = ()
+
+
+def _jax_trees(state_dict: dict, how: FlaxLayout) -> tuple[dict, str]:
   """The JAX form of a state_dict: ``{"params", "masks" (pruned leaves only), collections...}`` and its spec."""
   import interop  # pylint: disable=import-outside-toplevel
-  converted = interop.from_torch(state_dict, layout="flax")
+  converted = interop.from_torch(state_dict, layout="flax", module=how.module, rules=how.rules)
   host = lambda tree: jax.tree.map(jax.device_get, tree)  # noqa: E731  # numpy keeps the dtypes orbax writes
   masks = {path: m for path, m in traverse_util.flatten_dict(converted.masks).items() if jaxprune.is_masked(m)}
   trees = {"params": host(converted.params), **host(converted.buffers)}
@@ -286,11 +292,11 @@ def _jax_trees(state_dict: dict) -> tuple[dict, str]:
   return trees, converted.spec.to_json()
 
 
-def write_flax(state_dict: dict, path: str) -> None:
+def write_flax(state_dict: dict, path: str, how: FlaxLayout = FlaxLayout()) -> None:
   """The JAX form: a ``.safetensors`` file with ``/``-joined keys (``/`` and ``%`` inside a key part escaped as
   ``%2F``, ``%25``), or else an Orbax checkpoint directory."""
   import interop  # pylint: disable=import-outside-toplevel
-  trees, spec = _jax_trees(state_dict)
+  trees, spec = _jax_trees(state_dict, how)
   if path.endswith(SAFETENSORS):
     flat = {"/".join(map(_escape, p)): v for p, v in traverse_util.flatten_dict(trees).items()}
     write_atomically(path, lambda tmp: interop.save_state_dict(flat, tmp, metadata={FORMAT_KEY: "flax",
@@ -369,7 +375,7 @@ def _finite(data: Any) -> Any:
 
 
 @_gc_paused()
-def _report(state_dict: dict, layout: str) -> dict:
+def _report(state_dict: dict, layout: str, how: FlaxLayout = FlaxLayout()) -> dict:
   """Per-tensor rows and totals of a torch-form state_dict, named as in ``layout``, in the checkpoint's order.
 
   Everything ``from_torch`` checks is checked (so a command that writes validates its whole output first), but
@@ -377,7 +383,7 @@ def _report(state_dict: dict, layout: str) -> dict:
   Dtypes are torch's (int64 stays int64, though JAX holds it as int32 with x64 off).
   """
   import interop  # pylint: disable=import-outside-toplevel
-  spec, stats = interop.tensor_stats(state_dict, layout)
+  spec, stats = interop.tensor_stats(state_dict, layout, module=how.module, rules=how.rules)
   sep = "." if layout == "torch" else "/"
   rows = [{"name": sep.join(t.entry.path), "shape": list(t.entry.jax_shape()), "dtype": t.entry.dtype,
            "pruned": t.pruned, "size": t.size, "zeros": t.zeros, "sparsity": t.zeros / t.size if t.size else 0.0}
@@ -386,7 +392,8 @@ def _report(state_dict: dict, layout: str) -> dict:
   pruned = [r for r in rows if r["pruned"]]
   pruned_size = sum(r["size"] for r in pruned)
   buffers = sum(e.role == "buffer" for e in spec.entries)
-  return {"layout": layout, "tensors": rows, "buffers": buffers, "size": size,
+  return {"layout": layout, "tensors": rows, "buffers": buffers, "size": size, "ties": [list(g) for g in spec.ties],
+          "uncertain": [{"key": key, "note": note} for key, note in spec.uncertain],
           "zeros": zeros, "sparsity": zeros / size if size else 0.0, "pruned_tensors": len(pruned),
           "pruned_sparsity": sum(r["zeros"] for r in pruned) / pruned_size if pruned_size else None}
 
@@ -409,7 +416,15 @@ def _summary(report: dict) -> str:
   if report["pruned_tensors"]:
     line += (f"; {report['pruned_tensors']} pruned tensors (with a mask), their sparsity "
              f"{report['pruned_sparsity']:.2%}")
-  return line
+  return line + "".join(f"\ntied (one tensor, counted once): {' = '.join(group)}" for group in report["ties"])
+
+
+def _doubts(report: dict) -> list[str]:
+  """One line per key whose Flax layout was inferred with doubt, and how to settle it."""
+  if not report["uncertain"]:
+    return []
+  return [f"uncertain layout ({len(report['uncertain'])} keys; settle with --module or --layout-rules):",
+          *(f"  {u['key']}: {u['note']}" for u in report["uncertain"])]
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -579,25 +594,86 @@ def cmd_prune(args, out: Output) -> None:
             **report}, lambda: (_table(report, title), _summary(report)))
 
 
+def _factory(spec: Optional[str]) -> Any:
+  """``--module module.path:Factory``: the torch model the zero-argument factory returns (the current folder is
+  on the import path, as for ``python -m``)."""
+  if spec is None:
+    return None
+  name, _, attr = spec.partition(":")
+  if not name or not attr:
+    raise UserError(f"--module {spec}: expected module.path:Factory (a zero-argument callable returning a torch "
+                    "nn.Module)")
+  import importlib  # pylint: disable=import-outside-toplevel
+  cwd = os.getcwd()
+  sys.path.insert(0, cwd)
+  try:
+    factory = getattr(importlib.import_module(name), attr)
+    module = factory()
+  except Exception as err:  # the user's code: anything it raises is reported as one line
+    raise UserError(f"--module {spec}: {type(err).__name__}: {err}") from err
+  finally:
+    sys.path.remove(cwd)
+  torch = sys.modules.get("torch")
+  if torch is None or not isinstance(module, torch.nn.Module):
+    raise UserError(f"--module {spec} returned a {type(module).__name__}, not a torch nn.Module")
+  return module
+
+
+def _layout_rules(path: Optional[str], state_dict: dict) -> tuple:
+  """``--layout-rules FILE``: a JSON object ``{regex on state_dict keys: layout kind}`` as layout rules, forced on
+  the modules with a matching key (the first pattern that matches a module wins)."""
+  if path is None:
+    return ()
+  import interop  # pylint: disable=import-outside-toplevel
+  try:
+    with open(path, encoding="utf-8") as f:
+      table = json.load(f)
+  except (OSError, ValueError) as err:
+    raise UserError(f"--layout-rules {path}: cannot read it as JSON ({err})") from None
+  if not isinstance(table, dict):
+    raise UserError(f"--layout-rules {path}: expected a JSON object {{regex on state_dict keys: layout kind}}")
+  modules: dict[str, list[str]] = {}
+  for key in state_dict:
+    modules.setdefault(key.rpartition(".")[0], []).append(key)
+  taken, rules = set(), []
+  for pattern, kind in table.items():
+    if kind not in interop.KINDS:
+      raise UserError(f"--layout-rules {path}: {pattern!r} maps to {kind!r}; layout kinds: {list(interop.KINDS)}")
+    try:
+      regex = re.compile(pattern)
+    except re.error as err:
+      raise UserError(f"--layout-rules {path}: {pattern!r} is not a valid regular expression ({err})") from None
+    chosen = [p for p, keys in modules.items() if p not in taken and any(regex.search(k) for k in keys)]
+    if not chosen:
+      raise UserError(f"--layout-rules {path}: {pattern!r} matches no key of the checkpoint")
+    taken.update(chosen)
+    rules.append(interop.rule_for(kind, "^(" + "|".join(map(re.escape, chosen)) + ")$"))
+  return tuple(rules)
+
+
 def cmd_convert(args, out: Output) -> None:
   if os.path.abspath(args.input) == os.path.abspath(args.output):
     raise UserError(f"{args.output} is the input itself; write the converted checkpoint elsewhere")
   check_output_form(args.output, args.layout)
   check_target(args.output, args.force)
+  if args.layout == "torch" and (args.module or args.layout_rules):
+    raise UserError("--module and --layout-rules say how to write the Flax layout; they need --layout flax")
+  module = _factory(args.module)
   with out.status(f"reading {args.input}"):
     loaded = read_checkpoint(args.input, args.key)
-  with _naming(args.input):
-    report = _report(loaded.state_dict, args.layout)  # validates the whole checkpoint before anything is written
+  how = FlaxLayout(module, _layout_rules(args.layout_rules, loaded.state_dict))
+  with _naming(args.input):  # validates the whole checkpoint before anything is written
+    report = _report(loaded.state_dict, args.layout, how)
   with out.status(f"writing {args.output}"):
     if args.layout == "torch":
       write_torch(loaded.state_dict, args.output)
     else:
-      write_flax(loaded.state_dict, args.output)
+      write_flax(loaded.state_dict, args.output, how)
   kind = "Orbax directory" if os.path.isdir(args.output) else "file"
   out.emit({"input": args.input, "output": args.output, "from": loaded.layout, "to": args.layout, **report},
            lambda: [f"{args.input} ({loaded.layout} layout) -> {args.output} ({args.layout} layout, {kind}): "
                     f"{len(report['tensors'])} tensors, {report['pruned_tensors']} pruned, {report['buffers']} "
-                    "buffers"])
+                    "buffers" + "".join(f"; tied: {' = '.join(g)}" for g in report["ties"]), *_doubts(report)])
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -653,6 +729,10 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("input", metavar="IN")
   p.add_argument("output", metavar="OUT")
   p.add_argument("--layout", choices=("torch", "flax"), required=True, help="the layout to write")
+  p.add_argument("--module", metavar="MODULE:FACTORY", help="flax layout: an importable zero-argument factory "
+                 "returning the torch nn.Module the checkpoint belongs to (its classes decide each module's layout)")
+  p.add_argument("--layout-rules", metavar="FILE", help="flax layout: a JSON object {regex on state_dict keys: "
+                 "kind}, kind one of linear, conv, batchnorm, norm, embedding, conv1d_hf, torch (keep as torch)")
   p.add_argument("--force", action="store_true", help="overwrite OUT if it exists")
   p.set_defaults(run=cmd_convert)
   return parser

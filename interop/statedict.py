@@ -279,6 +279,8 @@ def _tie(placed: dict[str, tuple], ties: ties_lib.Ties, roles: Mapping[str, str]
   """Moves every tied key (and its mask) onto its group's first key's place; returns the groups that hold 2+
   tensors (masks are not tied themselves: they follow their params)."""
   groups = tuple(g for g in (tuple(k for k in group if roles[k] != "mask") for group in ties) if len(g) > 1)
+  if not groups:
+    return ()
   home = ties_lib.canonical_of(groups)
   for key, (role, collection, path, perm) in placed.items():
     first = home.get(_param_key(key, role))

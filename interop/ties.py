@@ -1,9 +1,9 @@
 """Tied tensors: state_dict keys that are one tensor (GPT-2's ``lm_head.weight`` is ``transformer.wte.weight``).
 
 torch ties a parameter by registering the same ``Parameter`` under two names, so ``state_dict()`` holds two keys
-over one storage. A tie is read from memory, never guessed from values: two keys are tied when their tensors start
-at the same address with the same shape, strides and dtype (torch tensors: the same storage, offset and strides;
-numpy arrays: the same data pointer and strides). Tensors that merely overlap (two views into different parts of
+over one storage. A tie is read from memory, never guessed from values: two torch tensors are tied when they start at
+the same place in the same storage with the same shape, strides and dtype; two numpy arrays when they are the same
+array object (as :func:`interop.io.load_state_dict` returns a tie it read). Tensors that merely overlap (two views into different parts of
 one storage) are not tied; they convert as separate tensors.
 
 A tie group is written as a tuple of keys in state_dict order; its first key is the canonical one: the one JAX
@@ -11,35 +11,36 @@ holds, and the one a safetensors file stores.
 """
 from __future__ import annotations
 
+import sys
 from typing import Any, Hashable, Mapping, Optional
 
 import numpy as np
-
-from interop import devices
 
 Ties = tuple[tuple[str, ...], ...]
 
 
 def _address(value: Any) -> Optional[Hashable]:
   """Where a tensor's elements live and how they are laid out; None for an empty tensor (nothing to share)."""
-  if devices.is_torch_tensor(value):
-    if value.numel() == 0 or value.layout != devices._torch().strided:  # pylint: disable=protected-access
-      return None
-    return ("torch", str(value.device), value.untyped_storage().data_ptr(), value.storage_offset(),
+  if isinstance(value, np.ndarray):
+    # The array object itself, which is how interop.io hands out a tie it read: reading each array's address
+    # would cost more than the rest of counting a checkpoint of many small tensors.
+    return id(value) if value.size else None
+  torch = sys.modules.get("torch")
+  if torch is not None and isinstance(value, torch.Tensor) and value.numel() and value.layout == torch.strided:
+    return (str(value.device), value.untyped_storage().data_ptr(), value.storage_offset(),
             tuple(value.shape), value.stride(), str(value.dtype))
-  if isinstance(value, np.ndarray) and value.size:
-    return ("numpy", value.__array_interface__["data"][0], value.shape, value.strides, value.dtype.str)
   return None  # JAX arrays and the like: immutable values, ties are not theirs to express
 
 
 def find_ties(state_dict: Mapping[str, Any]) -> Ties:
   """The groups of two or more keys whose tensors are one tensor, each in state_dict order, ordered by first key."""
-  groups: dict[Hashable, list[str]] = {}
+  first: dict[Hashable, str] = {}
+  groups: dict[Hashable, list[str]] = {}  # only for addresses seen twice: most checkpoints have no tie at all
   for key, value in state_dict.items():
     address = _address(value)
-    if address is not None:
-      groups.setdefault(address, []).append(key)
-  return tuple(tuple(keys) for keys in groups.values() if len(keys) > 1)
+    if address is not None and first.setdefault(address, key) != key:
+      groups.setdefault(address, [first[address]]).append(key)
+  return tuple(tuple(groups[address]) for address in first if address in groups) if groups else ()
 
 
 def canonical_of(ties: Ties) -> dict[str, str]:
@@ -62,7 +63,8 @@ def check_ties(ties: Any, keys: Mapping[str, Any]) -> Ties:
       raise ValueError(f"tie group {group!r} is not a list of two or more keys")
     unknown = [k for k in group if k not in keys]
     if unknown or seen & set(group) or len(set(group)) != len(group):
-      raise ValueError(f"tie group {list(group)!r} names {'unknown keys ' + repr(unknown) if unknown else 'a key twice'}")
+      problem = f"unknown keys {unknown!r}" if unknown else "a key twice"
+      raise ValueError(f"tie group {list(group)!r} names {problem}")
     seen.update(group)
     out.append(tuple(group))
   return tuple(out)

@@ -114,6 +114,13 @@ def test_a_tied_weight_torch_pruned_round_trips_and_loads():
     assert conv.spec.ties == (("transformer.wte.weight", "lm_head.weight_orig"),)
     back = interop.to_torch(*conv)
     assert interop.diff_state_dicts(back, sd) == [] and _tied(back)
+    assert interop.TorchSpec.from_json(conv.spec.to_json()) == conv.spec
+  older = json.loads(conv.spec.to_json())  # a spec written before ties were recorded still reads
+  del older["ties"], older["uncertain"]
+  assert interop.TorchSpec.from_json(json.dumps(older)) == conv.spec._replace(ties=())
+  older["ties"] = [["transformer.wte.weight", "nowhere"]]
+  with pytest.raises(interop.InteropError, match="unknown keys"):
+    interop.TorchSpec.from_json(json.dumps(older))
   fresh = interop.load_pruned(tiny_gpt2(), back)
   assert fresh.lm_head.weight_orig is fresh.transformer.wte.weight
   assert torch.equal(_out(fresh), _out(model))
@@ -219,3 +226,16 @@ def test_cli_says_where_the_layout_is_a_guess(tmp_path, capsys):
   assert cli.main(["convert", str(tmp_path / "bare.safetensors"), str(tmp_path / "h.safetensors"), "--layout",
                    "flax", "--layout-rules", str(rules)]) == 2
   assert "'nothing' matches no key" in capsys.readouterr().err
+
+
+def test_cli_prunes_a_tied_tensor_once_for_both_keys(tmp_path, capsys):
+  torch.save(tiny_gpt2().state_dict(), tmp_path / "gpt2.pt")
+  report = _cli_json(capsys, "prune", tmp_path / "gpt2.pt", "-o", tmp_path / "p.pt", "--method", "l1", "--amount",
+                     "0.3", "--include", "wte")
+  assert report["selected"] == ["transformer.wte.weight"]
+  sd = torch.load(tmp_path / "p.pt", weights_only=True)
+  assert {"transformer.wte.weight_orig", "lm_head.weight_orig", "lm_head.weight_mask"} <= set(sd) and _tied(sd)
+  assert torch.equal(sd["lm_head.weight_mask"], sd["transformer.wte.weight_mask"])
+  fresh = interop.load_pruned(tiny_gpt2(), sd)
+  assert fresh.lm_head.weight_orig is fresh.transformer.wte.weight_orig
+  assert torch.equal(fresh.lm_head.weight, fresh.transformer.wte.weight)

@@ -11,6 +11,9 @@ changes made in JAX since are replayed the way torch would have made them: a new
 ``X_orig`` (moved to the end of its module's params) plus ``X_mask`` (appended to its buffers), like a first
 ``prune``; a param whose mask became :data:`jaxprune.UNMASKED` becomes plain ``X`` at the end of its module's params,
 like ``prune.remove`` (spec §7).
+
+Tied keys (one tensor under several names, :mod:`interop.ties`) are one leaf and one mask in JAX, the first key's;
+the spec records the ties and :func:`to_torch` gives the keys one tensor again.
 """
 from __future__ import annotations
 
@@ -426,8 +429,9 @@ def from_torch(source: Any, *, layout: str = "torch", module: Any = None,
     layout: ``"torch"`` (names and shapes as they are) or ``"flax"`` (Dense/Conv kernels, BatchNorm
       scale/bias + batch_stats mean/var, LayerNorm scale, Embed embedding; see :mod:`interop.layouts`).
     module: the torch model the state_dict belongs to (fresh or pruned). It tells parameters from buffers and each
-      module's kind for the layout, and every key is checked against it. Without it both are inferred from names
-      and shapes.
+      module's kind for the layout, and every key is checked against it. Without it both are inferred from names,
+      shapes and neighbours (:mod:`interop.inference`), and keys inferred with doubt are listed in
+      ``spec.uncertain``.
     rules: extra :class:`interop.layouts.LayoutRule` s, tried before the built-in ones.
     device: a ``jax.Device``, a ``jax.sharding.Sharding``, or ``(path, shape) -> Device | Sharding`` per leaf
       (path like ``"params/conv1/kernel"``; a mask goes where its param goes). None: JAX's default device, or an
@@ -440,11 +444,13 @@ def from_torch(source: Any, *, layout: str = "torch", module: Any = None,
   Returns:
     :class:`Converted`: ``params``, ``masks`` (bool per pruned param, :data:`jaxprune.UNMASKED` elsewhere),
     ``buffers`` (by collection) and ``spec``. Keys follow the module paths: ``"layer1.0.conv1.weight"`` ->
-    ``params["layer1"]["0"]["conv1"]["weight"]`` (``["kernel"]`` in Flax layout).
+    ``params["layer1"]["0"]["conv1"]["weight"]`` (``["kernel"]`` in Flax layout). Tied keys (``spec.ties``) share
+    their first key's leaf and mask.
 
   Raises:
     PairingError: an ``X_orig`` without ``X_mask`` or the reverse.
-    MaskError: a mask of another shape than its param, or a value other than exactly 0 or 1.
+    MaskError: a mask of another shape than its param, or a value other than exactly 0 or 1; tied keys pruned with
+      masks that differ.
     LayoutError: a forced layout rule that does not fit a tensor; a key or shape the given module lacks.
     DuplicateKeyError: two tensors that would land on one leaf (e.g. ``fc.weight`` beside ``fc.weight_orig``).
     DTypeError: float64 while ``jax_enable_x64`` is off.
@@ -541,8 +547,8 @@ def to_torch(params: PyTree, masks: Optional[PyTree] = None, buffers: Optional[M
   Args:
     params, masks, buffers: as :func:`from_torch` returns them (``masks`` None: nothing pruned).
     spec: the :class:`TorchSpec` from :func:`from_torch`: torch's exact keys, order and dtypes. Without it the spec
-      comes from ``module`` (a torch model, pruned or not: its keys, order, dtypes and module kinds), or else from
-      the pytrees themselves in ``layout`` (keys from paths, dtypes as in JAX).
+      comes from ``module`` (a torch model, pruned or not: its keys, order, dtypes, module kinds and ties), or else
+      from the pytrees themselves in ``layout`` (keys from paths, dtypes as in JAX; no ties).
     layout: the pytrees' layout, when there is no spec.
     module: see ``spec``.
     rules: extra layout rules (as in :func:`from_torch`), when there is no spec.
@@ -552,7 +558,8 @@ def to_torch(params: PyTree, masks: Optional[PyTree] = None, buffers: Optional[M
 
   Returns:
     An ordered ``dict`` key -> tensor: params then buffers per module (spec §9), a pruned ``X`` as ``X_orig`` plus
-    ``X_mask`` in ``X``'s dtype (spec §8.2), pruning changes since the spec replayed as torch orders them.
+    ``X_mask`` in ``X``'s dtype (spec §8.2), pruning changes since the spec replayed as torch orders them. Tied
+    keys get one tensor (and one mask tensor); pruning a tied leaf since the spec prunes every key of the tie.
 
   Raises:
     InteropError: a leaf the spec needs is missing, or a leaf has no place in the spec.

@@ -35,6 +35,17 @@ def _by_name(fitting: Sequence[LayoutRule], path: str) -> list[LayoutRule]:
   return [rule for rule in fitting if rule.names is not None and re.search(rule.names, path)]
 
 
+def _distinct(fitting: Sequence[LayoutRule], shapes: Shapes) -> list[LayoutRule]:
+  """The first of the rules that would place these tensors alike (a BatchNorm's and a LayerNorm's ``weight`` and
+  ``bias`` both become ``scale`` and ``bias``): choosing between them is no choice."""
+  out: dict[tuple, LayoutRule] = {}
+  for rule in fitting:
+    effect = tuple((tm.collection, tm.name, tm.transform.name) if tm is not None else None
+                   for tm in (rule.tensors.get(name) for name in shapes))
+    out.setdefault(effect, rule)
+  return list(out.values())
+
+
 def infer(rules: Sequence[LayoutRule], modules: Mapping[str, Shapes]
           ) -> dict[str, tuple[Optional[LayoutRule], Optional[str]]]:
   """``path -> (rule, doubt)`` for modules given as ``path -> {torch name: shape}``; ``doubt`` is None or a note
@@ -46,7 +57,7 @@ def infer(rules: Sequence[LayoutRule], modules: Mapping[str, Shapes]
     kind = frozenset((name, len(shape)) for name, shape in shapes.items())
     if kind not in cache:
       cache[kind] = layouts.covering(rules, dict(kind))
-    fitting = [rule for rule in cache[kind] if layouts.consistent(rule, shapes)] or cache[kind]
+    fitting = _distinct([rule for rule in cache[kind] if layouts.consistent(rule, shapes)] or cache[kind], shapes)
     fitting = _by_name(fitting, path)[:1] or fitting
     if len(fitting) <= 1:
       out[path] = (next(iter(fitting), None), None)

@@ -48,9 +48,10 @@ class TensorMap(NamedTuple):
   name: str
   transform: Transform = IDENTITY
   ndims: Optional[tuple[int, ...]] = None
-  matches: Optional[tuple[str, int]] = None
+  matches: Optional[tuple[str, Optional[int]]] = None
   """``(tensor, axis)``: this 1-d tensor's length is that torch axis of the module's other tensor (a Linear's bias
-  matches its weight's axis 0, a ``Conv1D``'s axis 1); checked when a rule is inferred from torch shapes."""
+  matches its weight's axis 0, a ``Conv1D``'s axis 1), or with axis None its shape is the other's (a norm's bias);
+  checked when a rule is inferred from torch shapes."""
 
   def fits(self, ndim: int) -> bool:
     return self.ndims is None or ndim in self.ndims
@@ -94,7 +95,8 @@ CONV_RULE = LayoutRule("conv", {
     "weight": TensorMap("params", "kernel", CONV, ndims=(3, 4, 5)),
     "bias": TensorMap("params", "bias", ndims=(1,)),
 }, torch_types=("Conv1d", "Conv2d", "Conv3d"))
-NORM_RULE = LayoutRule("norm", {"weight": TensorMap("params", "scale"), "bias": TensorMap("params", "bias")},
+NORM_RULE = LayoutRule("norm", {"weight": TensorMap("params", "scale"),
+                                "bias": TensorMap("params", "bias", matches=("weight", None))},
                        torch_types=("LayerNorm", "GroupNorm", "RMSNorm", "_InstanceNorm"))
 EMBEDDING_RULE = LayoutRule("embedding", {"weight": TensorMap("params", "embedding", ndims=(2,))},
                             torch_types=("Embedding",),
@@ -174,7 +176,10 @@ def consistent(rule: LayoutRule, shapes: Mapping[str, Sequence[int]]) -> bool:
   for name, tm in rule.tensors.items():
     if tm.matches is not None and name in shapes and tm.matches[0] in shapes:
       other, axis = tm.matches
-      if len(shapes[other]) <= axis or tuple(shapes[name])[:1] != (shapes[other][axis],):
+      if axis is None:
+        if tuple(shapes[name]) != tuple(shapes[other]):
+          return False
+      elif len(shapes[other]) <= axis or tuple(shapes[name]) != (shapes[other][axis],):
         return False
   return True
 

@@ -115,3 +115,27 @@ def test_user_rule_for_a_custom_module():
   without = interop.from_torch(sd, layout="flax", module=net)  # no rule: torch's names and shapes are kept
   assert without.params["0"]["w"].shape == (4, 3) and "calls" in without.buffers["buffers"]["0"]
 
+
+
+def _inferred(shapes: dict) -> tuple[dict, tuple]:
+  """Module path -> kind inferred for a bare state_dict of zeros of these shapes, and the spec's doubts."""
+  spec = interop.from_torch({k: np.zeros(s, np.float32) for k, s in shapes.items()}, layout="flax").spec
+  kinds = {e.key.rpartition(".")[0]: "/".join(e.path[-1:]) + ("^T" if e.perm else "") for e in spec.entries
+           if e.key.endswith("weight")}
+  return kinds, spec.uncertain
+
+
+def test_inference_without_a_module_reads_shapes_names_and_neighbours():
+  kinds, doubts = _inferred({"blk.a.weight": (4, 12), "blk.a.bias": (12,),  # bias = axis 1: a Conv1D, by shape
+                             "blk.b.weight": (4, 4), "blk.b.bias": (4,),  # square: like its sibling
+                             "tok.weight": (9, 4),  # bare 2-d, no telling name: a Linear, in doubt
+                             "other.weight": (4, 4), "other.bias": (4,)})  # square, no sibling: in doubt
+  assert kinds == {"blk.a": "kernel", "blk.b": "kernel", "tok": "kernel^T", "other": "kernel^T"}
+  assert [key for key, _ in doubts] == ["tok.weight", "other.weight", "other.bias"]
+  assert "could be conv1d_hf" in dict(doubts)["other.weight"]
+  kinds, doubts = _inferred({"word_embeddings.weight": (9, 4), "fc.weight": (3, 4), "fc.bias": (3,),
+                             "square.weight": (4, 4), "square.bias": (4,), "out.weight": (9, 4)})
+  assert kinds == {"word_embeddings": "embedding", "fc": "kernel^T", "square": "kernel^T", "out": "embedding"}
+  assert [key for key, _ in doubts] == ["out.weight"]  # taken for an embedding by its vocabulary-sized axis
+  with pytest.raises(ValueError, match="unknown layout kind 'dense'"):
+    interop.rule_for("dense", "x")

@@ -76,7 +76,7 @@ def infer(rules: Sequence[LayoutRule], modules: Mapping[str, Shapes]
     weight = modules[path].get("weight", ())
     if len(near) == 1:
       out[path] = (fitting[kinds.index(near.pop())], None)
-    elif "embedding" in kinds and set(modules[path]) == {"weight"} and weight[:1] and weight[0] in vocabularies:
+    elif "embedding" in kinds and set(modules[path]) == {"weight"} and weight[0] in vocabularies:
       out[path] = (fitting[kinds.index("embedding")], f"its first axis ({weight[0]}) is a vocabulary's, so "
                    f"taken for an embedding; could be {' or '.join(k for k in kinds if k != 'embedding')}")
     else:

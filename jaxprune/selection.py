@@ -128,6 +128,29 @@ def smallest_magnitudes(scores: Sequence[jax.Array], k, candidates: Optional[Seq
   return _select(scores, k, candidates, segments, str(score_dtype([jnp.result_type(s) for s in scores])))
 
 
+def _places(sizes: Sequence[int], segments: Sequence[int]) -> list[np.ndarray]:
+  """Per array, ``uint32[3]``: its segment and its first position, split in high and low 32 bits (exact past
+  2^32 entries, x64 or not)."""
+  starts = np.cumsum([0] + [int(n) for n in sizes[:-1]], dtype=np.uint64)
+  return [np.array([s, start >> np.uint64(32), start & np.uint64(0xFFFFFFFF)], np.uint32)
+          for s, start in zip(segments, starts)]
+
+
+def _opaque(constants: list[np.ndarray], like: jax.Array) -> list[jax.Array]:
+  """``constants`` as values XLA cannot fold: one sort keyed on the traced scalar ``like`` returns them unchanged.
+
+  Each array's mask compares its positions against the tie cut of its segment, so it needs its own place. XLA:CPU
+  compiles one kernel per distinct fused computation, about 20 ms each: a place folded in as a constant makes
+  every array's compare distinct, whereas traced places let the arrays of one shape share one kernel, so a model
+  with hundreds of leaves but a handful of shapes compiles about as fast as a small one. A sort is not fused into
+  its consumers and cannot be folded with a traced key; both rows of every operand are equal, so whatever order
+  it picks, row 0 is the constant.
+  """
+  rows = [np.stack([c, c]) for c in constants]
+  keys = jnp.broadcast_to(like, rows[0].shape)
+  return [r[0] for r in lax.sort((keys, *rows), num_keys=1, is_stable=False)[1:]]
+
+
 def _select(values, k, candidates, segments, magnitudes_of: Optional[str]) -> list[jax.Array]:
   values = tuple(jnp.asarray(v) for v in values)
   candidates = (None,) * len(values) if candidates is None else tuple(candidates)
@@ -146,6 +169,21 @@ def _keys_of(values: jax.Array, magnitudes_of: Optional[str]) -> jax.Array:
   return values if magnitudes_of is None else sortable_keys(values, np.dtype(magnitudes_of), magnitude=True)
 
 
+def _ordered_like_keys(values: jax.Array, threshold: jax.Array, magnitudes_of: Optional[str]):
+  """The keys of ``values`` and ``threshold``, or two cheaper arrays that compare alike: run on every entry.
+
+  For float magnitudes the bits without the sign already order |x| (every NaN is mapped to just above +inf),
+  which takes 3 operations per entry where the full key takes 10.
+  """
+  if magnitudes_of is None or not jnp.issubdtype(np.dtype(magnitudes_of), jnp.floating):
+    return _keys_of(values, magnitudes_of), threshold
+  dtype = np.dtype(magnitudes_of)
+  udtype = _key_dtype(dtype)
+  unsigned = ~(np.array(1, udtype) << np.array(8 * udtype.itemsize - 1, udtype))
+  nan = np.array(np.frombuffer(np.array(np.inf, dtype).tobytes(), udtype)[0] + 1, udtype)
+  return jnp.minimum(_float_bits(values, dtype) & unsigned, nan), jnp.minimum(threshold & unsigned, nan)
+
+
 @functools.partial(jax.jit, static_argnames=("segments", "magnitudes_of"))
 def _smallest(values: tuple[jax.Array, ...], k: jax.Array, candidates: tuple[Optional[jax.Array], ...],
               segments: tuple[int, ...], magnitudes_of: Optional[str]) -> list[jax.Array]:
@@ -156,8 +194,8 @@ def _smallest(values: tuple[jax.Array, ...], k: jax.Array, candidates: tuple[Opt
     has_cands = tuple(c is not None for c in candidates)
     threshold, below, ties = _run_op("keys", segments, magnitudes_of, has_cands, k, *values, *cands)
     take = k - below  # per segment, how many entries equal to the threshold are selected
-    offsets = np.cumsum([0] + [v.size for v in values])
-    pos_dtype = _position_dtype(int(offsets[-1]))
+    total = sum(v.size for v in values)
+    pos_dtype = _position_dtype(total)
 
     def lowest_tied_cutoff(_):
       # The `take` lowest positions among the tied entries are themselves a k-smallest selection.
@@ -165,18 +203,20 @@ def _smallest(values: tuple[jax.Array, ...], k: jax.Array, candidates: tuple[Opt
       return cutoff + np.array(1, pos_dtype)
 
     def no_cutoff(_):
-      return jnp.where(take > 0, np.array(offsets[-1], pos_dtype), np.array(0, pos_dtype))
+      return jnp.where(take > 0, np.array(total, pos_dtype), np.array(0, pos_dtype))
 
     straddles = (take != ties) & (take > 0)
     cutoff = lax.cond(jnp.any(straddles), lowest_tied_cutoff, no_cutoff, None)
     cutoff = jnp.where(straddles, cutoff, no_cutoff(None)).astype(jnp.int64)
-    # Per array, how many of its own leading positions the cutoff covers: a row-major index below it is selected.
-    local_cutoff = [jnp.clip(cutoff[s] - int(off), 0, v.size) for v, s, off in zip(values, segments, offsets)]
-    thresholds = [threshold[s] for s in segments]
+    places = _opaque(_places([v.size for v in values], segments), threshold[0])
   out = []
-  for value, c, thr, local in zip(values, candidates, thresholds, local_cutoff):
-    key = _keys_of(value, magnitudes_of)
+  for value, c, place in zip(values, candidates, places):
     index_dtype = jnp.int32 if value.size < np.iinfo(np.int32).max else jnp.int64
+    with jax.enable_x64(True):
+      place = place.astype(jnp.int64)
+      start = (place[1] << 32) | place[2]
+      key, thr = _ordered_like_keys(value, threshold[place[0]], magnitudes_of)
+      local = jnp.clip(cutoff[place[0]] - start, 0, value.size)  # how many of its own leading positions the cut covers
     with jax.enable_x64(index_dtype == jnp.int64):
       index = _positions(value.shape, 0, index_dtype)
       chosen = (key < thr) | ((key == thr) & (index < local.astype(index_dtype)))

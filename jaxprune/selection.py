@@ -40,6 +40,11 @@ _HISTOGRAM_LIMIT = 1 << 20  # buckets of one pass, all segments together: 4 MiB 
 _SCATTER_CHUNKS = 4
 
 
+def _inf_bits(dtype: np.dtype) -> np.ndarray:
+  """The bits of +inf in the float ``dtype``: every key above them is a NaN."""
+  return np.frombuffer(np.array(np.inf, dtype).tobytes(), _key_dtype(dtype))[0]
+
+
 def _key_dtype(dtype) -> np.dtype:
   return np.dtype(np.uint64) if np.dtype(dtype).itemsize == 8 else np.dtype(np.uint32)
 
@@ -91,7 +96,7 @@ def sortable_keys(scores: jax.Array, dtype=None, magnitude: bool = False) -> jax
     unsigned = bits & ~top
     if magnitude:
       bits = unsigned
-    inf_bits = np.array(np.frombuffer(np.array(np.inf, dtype).tobytes(), udtype)[0], udtype)
+    inf_bits = _inf_bits(dtype)
     keys = jnp.where((bits & top) != 0, ~bits, bits | top)
     keys = jnp.where(unsigned == 0, top, keys)  # -0.0 == +0.0
     return jnp.where(unsigned > inf_bits, _sentinel(udtype) - np.array(1, udtype), keys)  # NaN: above +inf's key
@@ -129,11 +134,9 @@ def smallest_magnitudes(scores: Sequence[jax.Array], k, candidates: Optional[Seq
 
 
 def _places(sizes: Sequence[int], segments: Sequence[int]) -> list[np.ndarray]:
-  """Per array, ``uint32[3]``: its segment and its first position, split in high and low 32 bits (exact past
-  2^32 entries, x64 or not)."""
-  starts = np.cumsum([0] + [int(n) for n in sizes[:-1]], dtype=np.uint64)
-  return [np.array([s, start >> np.uint64(32), start & np.uint64(0xFFFFFFFF)], np.uint32)
-          for s, start in zip(segments, starts)]
+  """Per array, ``int64[2]``: its segment and its first position."""
+  starts = np.cumsum([0] + [int(n) for n in sizes[:-1]], dtype=np.int64)
+  return [np.array([s, start], np.int64) for s, start in zip(segments, starts)]
 
 
 def _opaque(constants: list[np.ndarray], like: jax.Array) -> list[jax.Array]:
@@ -180,7 +183,7 @@ def _ordered_like_keys(values: jax.Array, threshold: jax.Array, magnitudes_of: O
   dtype = np.dtype(magnitudes_of)
   udtype = _key_dtype(dtype)
   unsigned = ~(np.array(1, udtype) << np.array(8 * udtype.itemsize - 1, udtype))
-  nan = np.array(np.frombuffer(np.array(np.inf, dtype).tobytes(), udtype)[0] + 1, udtype)
+  nan = _inf_bits(dtype) + np.array(1, udtype)
   return jnp.minimum(_float_bits(values, dtype) & unsigned, nan), jnp.minimum(threshold & unsigned, nan)
 
 
@@ -213,10 +216,8 @@ def _smallest(values: tuple[jax.Array, ...], k: jax.Array, candidates: tuple[Opt
   for value, c, place in zip(values, candidates, places):
     index_dtype = jnp.int32 if value.size < np.iinfo(np.int32).max else jnp.int64
     with jax.enable_x64(True):
-      place = place.astype(jnp.int64)
-      start = (place[1] << 32) | place[2]
       key, thr = _ordered_like_keys(value, threshold[place[0]], magnitudes_of)
-      local = jnp.clip(cutoff[place[0]] - start, 0, value.size)  # how many of its own leading positions the cut covers
+      local = jnp.clip(cutoff[place[0]] - place[1], 0, value.size)  # how many of its own leading positions the cut covers
     with jax.enable_x64(index_dtype == jnp.int64):
       index = _positions(value.shape, 0, index_dtype)
       chosen = (key < thr) | ((key == thr) & (index < local.astype(index_dtype)))

@@ -10,6 +10,9 @@ permutation then runs as a jitted transpose on that device.
 
 Masks are validated and turned into ``bool`` together: torch stores a mask in its parameter's dtype (spec §8.2),
 and the only values that can cross losslessly are the bit patterns of exactly 0 and 1.
+
+JAX is imported by the functions that make or read JAX arrays, not with this module: the host-only helpers (dtype
+names and checks, numpy views of torch tensors, mask checks) serve ``jaxprune inspect``, which must not import it.
 """
 from __future__ import annotations
 
@@ -22,13 +25,11 @@ import sys
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable, Optional, Sequence, Union
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 
 from interop.errors import DTypeError, MaskError
 
-Placement = Union[None, jax.Device, jax.sharding.Sharding]
+Placement = Any
 """Where arrays land: None (JAX's default device), a ``jax.Device``, or a ``jax.sharding.Sharding``."""
 
 _INT_OF_SIZE = {1: np.uint8, 2: np.int16, 4: np.int32, 8: np.int64}
@@ -44,6 +45,17 @@ _FRESH_PAGES_MIN_BYTES = 1 << 21  # one transparent huge page; below it malloc a
 def _torch():
   import torch  # pylint: disable=import-outside-toplevel  # torch is an optional extra
   return torch
+
+
+def _jax():
+  import jax  # pylint: disable=import-outside-toplevel  # only where JAX arrays are made or read
+  return jax
+
+
+def _is_jax_array(x: Any) -> bool:
+  """Whether ``x`` is a ``jax.Array`` (without importing JAX when nobody else has: then it cannot be one)."""
+  jax = sys.modules.get("jax")
+  return jax is not None and isinstance(x, jax.Array)
 
 
 def _torch_int(size: int):
@@ -73,7 +85,11 @@ def _name_of(dtype: np.dtype) -> str:
 @functools.lru_cache(maxsize=None)
 def numpy_dtype(name: str) -> np.dtype:
   """The numpy dtype called ``name``, including the ml_dtypes ones JAX uses (bfloat16, float8_*)."""
-  return jnp.dtype(name)
+  try:
+    return np.dtype(name)
+  except TypeError:  # not one of numpy's own; ml_dtypes is imported only then (it takes a good part of a second)
+    import ml_dtypes  # pylint: disable=import-outside-toplevel
+    return np.dtype(getattr(ml_dtypes, name, name))
 
 
 _NO_NUMPY_COUNTERPART = frozenset({"complex32", "float4_e2m1fn_x2"})
@@ -254,7 +270,8 @@ def inverse_perm(perm: Sequence[int]) -> tuple[int, ...]:
   return tuple(int(i) for i in np.argsort(perm)) if perm else ()
 
 
-def _devices_of(placement: Placement) -> tuple[jax.Device, ...]:
+def _devices_of(placement: Placement) -> tuple:
+  jax = _jax()
   if placement is None:
     return (jax.devices()[0],)
   if isinstance(placement, jax.sharding.Sharding):
@@ -273,7 +290,7 @@ def _x64_target(dtype: np.dtype, key: str) -> Optional[np.dtype]:
   64-bit integers are narrowed (exactly, checked by :func:`_check_range`); the torch dtype stays in the spec, so
   the way back restores it. 64-bit floats are refused: JAX would round them.
   """
-  target = _canonical(dtype, jax.config.jax_enable_x64)
+  target = _canonical(dtype, _x64_enabled())
   if target == dtype:
     return None
   if dtype.kind in "iu":
@@ -282,10 +299,22 @@ def _x64_target(dtype: np.dtype, key: str) -> Optional[np.dtype]:
                    "enable it with jax.config.update('jax_enable_x64', True) or cast the tensor first")
 
 
-@functools.lru_cache(maxsize=None)
-def _canonical(dtype: np.dtype, x64: bool) -> np.dtype:  # x64 in the key: the answer depends on it
-  del x64
-  return jax.dtypes.canonicalize_dtype(dtype)
+_NARROWED = {np.dtype(np.float64): np.dtype(np.float32), np.dtype(np.int64): np.dtype(np.int32),
+             np.dtype(np.uint64): np.dtype(np.uint32), np.dtype(np.complex128): np.dtype(np.complex64)}
+"""What JAX holds the 64-bit dtypes in with ``jax_enable_x64`` off (``jax.dtypes.canonicalize_dtype``)."""
+
+
+def _x64_enabled() -> bool:
+  """``jax_enable_x64``: JAX's flag once JAX is imported; before, the ``JAX_ENABLE_X64`` variable it starts from
+  (so a command that never imports JAX checks dtypes as one that does)."""
+  jax = sys.modules.get("jax")
+  if jax is not None:
+    return bool(jax.config.jax_enable_x64)
+  return os.environ.get("JAX_ENABLE_X64", "").strip().lower() in ("1", "true", "t", "yes", "y", "on")
+
+
+def _canonical(dtype: np.dtype, x64: bool) -> np.dtype:
+  return dtype if x64 else _NARROWED.get(dtype, dtype)
 
 
 def _check_range(low: int, high: int, dtype: np.dtype, target: np.dtype, key: str) -> None:
@@ -313,12 +342,17 @@ def _on_accelerator(x: Any) -> bool:
   return is_torch_tensor(x) and x.device.type != "cpu"
 
 
-@functools.partial(jax.jit, static_argnums=1)
-def _transpose(x: jax.Array, perm: tuple[int, ...]) -> jax.Array:
-  return jnp.transpose(x, perm)
+@functools.lru_cache(maxsize=1)
+def _jitted_transpose() -> Callable:
+  jax = _jax()
+  return jax.jit(jax.numpy.transpose, static_argnums=1)
 
 
-def _accelerator_to_jax(x, perm: Sequence[int], copy: bool, key: str) -> jax.Array:
+def _transpose(x, perm: tuple[int, ...]):
+  return _jitted_transpose()(x, perm)
+
+
+def _accelerator_to_jax(x, perm: Sequence[int], copy: bool, key: str):
   """A torch accelerator tensor as a JAX array on the same device, through DLPack (no host round trip)."""
   x = x.detach()
   dtype = numpy_dtype(dtype_name(x))
@@ -327,14 +361,15 @@ def _accelerator_to_jax(x, perm: Sequence[int], copy: bool, key: str) -> jax.Arr
     if x.numel():
       _check_range(int(x.min()), int(x.max()), dtype, target, key)
     x = x.to(getattr(_torch(), target.name))
+  jax = _jax()
   arr = jax.dlpack.from_dlpack(x.contiguous())
   if perm:
     return _transpose(arr, tuple(perm))
-  return jnp.copy(arr) if copy else arr
+  return jax.numpy.copy(arr) if copy else arr
 
 
 def to_jax(x: Any, placement: Placement = None, *, perm: Sequence[int] = (), copy: bool = True,
-           key: str = "tensor") -> jax.Array:
+           key: str = "tensor"):
   """One torch tensor (or numpy array) as a JAX array, bits unchanged.
 
   Args:
@@ -352,6 +387,7 @@ def to_jax(x: Any, placement: Placement = None, *, perm: Sequence[int] = (), cop
   Raises:
     DTypeError: a float64/complex128 tensor while ``jax_enable_x64`` is off, or 64-bit integers that do not fit.
   """
+  jax = _jax()
   perm = tuple(perm)
   if _on_accelerator(x):
     arr = _accelerator_to_jax(x, perm, copy, key)
@@ -412,26 +448,27 @@ def binary_mask_host(view: np.ndarray, key: str = "mask") -> np.ndarray:
   return is_one
 
 
-def _accelerator_mask_to_jax(x, key: str) -> jax.Array:
+def _accelerator_mask_to_jax(x, key: str):
   """Checked and turned into bool on the tensor's own device; only a bad mask's message needs the host."""
   torch = _torch()
   x = x.detach()
   if x.element_size() not in _INT_OF_SIZE:  # 16-byte complex: no integer view in torch
-    return jnp.asarray(binary_mask_host(host_view(x), key))
+    return _jax().numpy.asarray(binary_mask_host(host_view(x), key))
   as_int = _torch_int(x.element_size())
   bits = x.view(as_int)
   is_one = bits == torch.ones((), dtype=x.dtype, device=x.device).view(as_int)
   if not bool((is_one | (bits == 0)).all()):
     binary_mask_host(host_view(x), key)  # raises with the offending index and value
-  return jax.dlpack.from_dlpack(is_one.contiguous())
+  return _jax().dlpack.from_dlpack(is_one.contiguous())
 
 
-def mask_to_jax(x: Any, placement: Placement = None, *, perm: Sequence[int] = (), key: str = "mask") -> jax.Array:
+def mask_to_jax(x: Any, placement: Placement = None, *, perm: Sequence[int] = (), key: str = "mask"):
   """A torch mask (in its parameter's dtype, spec §8.2) as a validated bool JAX array, permuted like its param.
 
   Raises:
     MaskError: a value other than exactly 0 or 1.
   """
+  jax = _jax()
   perm = tuple(perm)
   if _on_accelerator(x):
     mask = _accelerator_mask_to_jax(x, key)
@@ -443,7 +480,7 @@ def mask_to_jax(x: Any, placement: Placement = None, *, perm: Sequence[int] = ()
 
 def _on_one_accelerator(arr: Any) -> bool:
   """Whether ``arr`` is a JAX array on a single non-CPU device (it then crosses through DLPack)."""
-  return isinstance(arr, jax.Array) and len(arr.devices()) == 1 and next(iter(arr.devices())).platform != "cpu"
+  return _is_jax_array(arr) and len(arr.devices()) == 1 and next(iter(arr.devices())).platform != "cpu"
 
 
 def _host_of(arr: Any) -> tuple[np.ndarray, bool]:
@@ -452,7 +489,7 @@ def _host_of(arr: Any) -> tuple[np.ndarray, bool]:
   ``np.asarray`` of a JAX array is a read-only view of its buffer (or of a cached gathered copy), never private,
   so a sharded array is gathered here instead, shard by shard, into memory the caller owns.
   """
-  if isinstance(arr, jax.Array) and len(arr.devices()) > 1:
+  if _is_jax_array(arr) and len(arr.devices()) > 1:
     if not arr.is_fully_addressable:
       raise ValueError("an array sharded across processes cannot be gathered here; gather it first "
                        "(jax.experimental.multihost_utils.process_allgather)")
@@ -492,7 +529,7 @@ def to_torch_tensor(arr: Any, dtype: str, *, perm: Sequence[int] = (), copy: boo
   if perm or host.dtype != target:
     host, private = copy_host(host, perm, dtype=target), True
   if not private:
-    if not copy and tensors == "torch" and isinstance(arr, jax.Array):
+    if not copy and tensors == "torch" and _is_jax_array(arr):
       return _torch().from_dlpack(arr)
     if copy:
       host = copy_host(host)
@@ -518,6 +555,7 @@ PlacementFn = Callable[[str, tuple[int, ...]], Placement]
 
 def resolve_placement(device: Union[Placement, PlacementFn], path: str, shape: tuple[int, ...]) -> Placement:
   """The placement of one leaf: ``device`` itself, or what the per-leaf function returns for it."""
-  if callable(device) and not isinstance(device, (jax.Device, jax.sharding.Sharding)):
+  jax = sys.modules.get("jax")  # a Device or Sharding exists only once JAX is imported
+  if callable(device) and not (jax is not None and isinstance(device, (jax.Device, jax.sharding.Sharding))):
     return device(path, shape)
   return device

@@ -14,6 +14,9 @@ like ``prune.remove`` (spec §7).
 
 Tied keys (one tensor under several names, :mod:`interop.ties`) are one leaf and one mask in JAX, the first key's;
 the spec records the ties and :func:`to_torch` gives the keys one tensor again.
+
+Building specs and counting (:func:`build_spec`, :func:`tensor_stats`, :func:`permanent_state_dict`) needs numpy
+only; flax and jaxprune (and so JAX) are imported by the functions that make or take pytrees of JAX arrays.
 """
 from __future__ import annotations
 
@@ -24,11 +27,9 @@ import sys
 from typing import Any, Callable, Mapping, NamedTuple, Optional, Sequence, Union
 
 import numpy as np
-from flax import traverse_util
 
 from interop import devices, inference, io, layouts, ties as ties_lib
 from interop.errors import DuplicateKeyError, InteropError, LayoutError, MaskError, PairingError
-from jaxprune import UNMASKED, apply_masks, is_masked
 
 ORIG, MASK = "_orig", "_mask"
 LAYOUTS = ("torch", "flax")
@@ -142,6 +143,7 @@ class Converted(NamedTuple):
 
   def variables(self) -> dict[str, PyTree]:
     """Flax variables with the masks applied: ``{"params": params * masks, **buffers}`` (for ``model.apply``)."""
+    from jaxprune import apply_masks  # pylint: disable=import-outside-toplevel
     return {"params": apply_masks(self.params, self.masks), **self.buffers}
 
 
@@ -414,6 +416,7 @@ def _source(source: Any, module: Any, key: Optional[str]) -> tuple[Mapping[str, 
 
 
 def _unflatten(flat: Mapping[tuple[str, ...], Any]) -> dict:
+  from flax import traverse_util  # pylint: disable=import-outside-toplevel
   return traverse_util.unflatten_dict(dict(flat)) if flat else {}
 
 
@@ -478,6 +481,7 @@ def from_torch(source: Any, *, layout: str = "torch", module: Any = None,
       trees.setdefault(e.collection, {})[e.path] = devices.to_jax(value, placement, perm=e.perm,
                                                                    copy=copy and not owned, key=e.key)
   params = trees.pop("params", {})
+  from jaxprune import UNMASKED  # pylint: disable=import-outside-toplevel
   mask_tree = {path: masks.get(path, UNMASKED) for path in params}
   return Converted(_unflatten(params), _unflatten(mask_tree),
                    {collection: _unflatten(flat) for collection, flat in trees.items()}, spec)
@@ -509,6 +513,7 @@ def _reconcile(entries: Sequence[Entry], masked: Callable[[Entry], bool]) -> lis
 
 
 def _flat_leaves(params: PyTree, buffers: Optional[Mapping[str, PyTree]]) -> dict[tuple[str, ...], Any]:
+  from flax import traverse_util  # pylint: disable=import-outside-toplevel
   leaves = {("params", *path): leaf for path, leaf in traverse_util.flatten_dict(params or {}).items()}
   for collection, tree in (buffers or {}).items():
     leaves.update({(collection, *path): leaf for path, leaf in traverse_util.flatten_dict(tree).items()})
@@ -516,6 +521,7 @@ def _flat_leaves(params: PyTree, buffers: Optional[Mapping[str, PyTree]]) -> dic
 
 
 def _check_leaves(entries: Sequence[Entry], leaves: Mapping[tuple, Any], masks: Mapping[tuple, Any]) -> None:
+  from jaxprune import is_masked  # pylint: disable=import-outside-toplevel
   needed = set()
   for e in entries:
     if e.role == "mask":
@@ -566,6 +572,8 @@ def to_torch(params: PyTree, masks: Optional[PyTree] = None, buffers: Optional[M
     LayoutError: a leaf's shape differs from the spec's, or a forced rule does not fit.
     DuplicateKeyError: two leaves that would become one torch key.
   """
+  from flax import traverse_util  # pylint: disable=import-outside-toplevel
+  from jaxprune import UNMASKED, is_masked  # pylint: disable=import-outside-toplevel
   leaves = _flat_leaves(params, buffers)
   flat_masks = traverse_util.flatten_dict(masks) if masks is not None else {}
   if spec is None:

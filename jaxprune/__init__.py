@@ -3,21 +3,29 @@
 Pure pruning methods that return boolean masks (the methods of ``torch.nn.utils.prune``, bit for bit where torch
 is deterministic, plus N:M and block sparsity), masks as pytrees beside the params, and optax transforms that keep
 pruned weights pruned.
+
+The public names are imported on first use (PEP 562), not by ``import jaxprune``: importing JAX takes a second or
+more, and ``jaxprune inspect`` (``jaxprune.cli``), which reads checkpoints with numpy only, must not pay for it.
+``from jaxprune import prune`` and ``jaxprune.prune`` work as with eager imports.
 """
-from jaxprune.amounts import num_to_prune, validate_amount
-from jaxprune.custom import pruning_method
-from jaxprune.errors import ShapeMismatchError, UnsupportedDtypeError, UnsupportedNormError
-from jaxprune import schedules
-from jaxprune.methods import (block_structured, custom_from_mask, identity, l1_unstructured, ln_structured,
-                              nm_structured, random_structured, random_unstructured)
-from jaxprune.optim import MaskedState, apply_updates, masked_optimizer, masks_from_state
-from jaxprune.optim_pruning import ScheduledPruningState, scheduled_pruning
-from jaxprune.pytree import (UNMASKED, apply_masks, default_where, global_unstructured, init_masks, is_masked,
-                             make_permanent, path_str, prune, selector)
-from jaxprune.report import LeafSparsity, SparsityReport, sparsity_report
+from jaxprune._lazy import lazy_attributes
 
 __version__ = "0.1.0"
 
-# Sparse training (issue 11): gradient criteria, layer-wise budgets, SET / RigL and the straight-through estimator.
-from jaxprune import budgets, criteria, sparse_training
-from jaxprune.sparse_training import DynamicSparseState, dynamic_sparse, rigl, set_training, straight_through
+_EXPORTS = {
+    "amounts": ("num_to_prune", "validate_amount"),
+    "custom": ("pruning_method",),
+    "errors": ("ShapeMismatchError", "UnsupportedDtypeError", "UnsupportedNormError"),
+    "methods": ("block_structured", "custom_from_mask", "identity", "l1_unstructured", "ln_structured",
+                "nm_structured", "random_structured", "random_unstructured"),
+    "optim": ("MaskedState", "apply_updates", "masked_optimizer", "masks_from_state"),
+    "optim_pruning": ("ScheduledPruningState", "scheduled_pruning"),
+    "pytree": ("UNMASKED", "apply_masks", "default_where", "global_unstructured", "init_masks", "is_masked",
+               "make_permanent", "path_str", "prune", "selector"),
+    "report": ("LeafSparsity", "SparsityReport", "sparsity_report"),
+    # Sparse training (issue 11): gradient criteria, layer-wise budgets, SET / RigL and the straight-through estimator.
+    "sparse_training": ("DynamicSparseState", "dynamic_sparse", "rigl", "set_training", "straight_through"),
+}
+__all__ = sorted([*(name for names in _EXPORTS.values() for name in names), "schedules", "budgets", "criteria",
+                  "sparse_training", "__version__"])
+__getattr__, __dir__ = lazy_attributes(__name__, _EXPORTS, globals())

@@ -20,6 +20,11 @@ by the next write to the same target. ``--force`` replaces a file or an Orbax ch
 another folder.
 ``interop`` (and, through it, torch for ``.pt`` files) and Orbax are imported only by the commands that need them,
 so ``import jaxprune`` never pulls in torch and a safetensors-only install runs every command but ``.pt`` I/O.
+
+Start-up: JAX (and flax) are imported only by what makes JAX arrays: ``prune``, ``convert --layout flax``, and the
+reading of a JAX-form checkpoint. ``inspect`` of a torch-form file reads and counts with numpy (and torch for a
+``.pt``), so it starts in well under a second. ``prune`` and ``convert`` keep what XLA compiles in JAX's
+persistent compilation cache (:func:`use_compilation_cache`), so running the same command again compiles nothing.
 """
 from __future__ import annotations
 
@@ -36,8 +41,6 @@ import threading
 import warnings
 from typing import Any, Callable, Iterator, NamedTuple, Optional, Sequence, Union
 
-import jax
-from flax import traverse_util
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
@@ -90,6 +93,7 @@ def _unescape(part: str) -> str:
 def _unflatten(flat: dict, path: str) -> dict:
   """Nested trees of a JAX-form safetensors file's ``/``-joined keys; a tensor where a subtree must go (``params``
   beside ``params/fc/kernel``) is an error, not a silent overwrite."""
+  from flax import traverse_util  # pylint: disable=import-outside-toplevel
   paths = {tuple(_unescape(p) for p in key.split("/")): value for key, value in flat.items()}
   for p in paths:
     clash = next((p[:i] for i in range(1, len(p)) if p[:i] in paths), None)
@@ -102,6 +106,7 @@ def _unflatten(flat: dict, path: str) -> dict:
 def _jax_to_state_dict(trees: dict, spec_json: Optional[str], path: str) -> dict:
   """The torch-form state_dict of JAX-form trees ``{"params", "masks", collections...}`` read from ``path``."""
   import interop  # pylint: disable=import-outside-toplevel
+  from flax import traverse_util  # pylint: disable=import-outside-toplevel
   trees = dict(trees)
   if not isinstance(trees.get("params"), dict):
     raise UserError(f"{path}: the JAX checkpoint has no 'params' tree (found {sorted(trees)})")
@@ -283,6 +288,8 @@ class FlaxLayout(NamedTuple):
 def _jax_trees(state_dict: dict, how: FlaxLayout) -> tuple[dict, str]:
   """The JAX form of a state_dict: ``{"params", "masks" (pruned leaves only), collections...}`` and its spec."""
   import interop  # pylint: disable=import-outside-toplevel
+  import jax  # pylint: disable=import-outside-toplevel
+  from flax import traverse_util  # pylint: disable=import-outside-toplevel
   converted = interop.from_torch(state_dict, layout="flax", module=how.module, rules=how.rules)
   host = lambda tree: jax.tree.map(jax.device_get, tree)  # noqa: E731  # numpy keeps the dtypes orbax writes
   masks = {path: m for path, m in traverse_util.flatten_dict(converted.masks).items() if jaxprune.is_masked(m)}
@@ -296,6 +303,7 @@ def write_flax(state_dict: dict, path: str, how: FlaxLayout = FlaxLayout()) -> N
   """The JAX form: a ``.safetensors`` file with ``/``-joined keys (``/`` and ``%`` inside a key part escaped as
   ``%2F``, ``%25``), or else an Orbax checkpoint directory."""
   import interop  # pylint: disable=import-outside-toplevel
+  from flax import traverse_util  # pylint: disable=import-outside-toplevel
   trees, spec = _jax_trees(state_dict, how)
   if path.endswith(SAFETENSORS):
     flat = {"/".join(map(_escape, p)): v for p, v in traverse_util.flatten_dict(trees).items()}
@@ -315,6 +323,50 @@ def write_flax(state_dict: dict, path: str, how: FlaxLayout = FlaxLayout()) -> N
       checkpointer.save(tmp, args=args)
 
   write_atomically(path, save)  # Orbax's own force deletes the old folder first: write beside it, swap it in whole
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# JAX's persistent compilation cache
+
+CACHE_ENV = "JAXPRUNE_CACHE_DIR"
+"""The environment variable naming the compilation cache folder (``--cache-dir`` wins over it)."""
+
+
+def default_cache_dir() -> str:
+  """``$XDG_CACHE_HOME/jaxprune/xla``, or ``~/.cache/jaxprune/xla`` (the XDG default) without the variable."""
+  base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+  return os.path.join(base, "jaxprune", "xla")
+
+
+def cache_dir_for(flag: Optional[str], off: bool) -> Optional[str]:
+  """The cache folder a command uses (None: no persistent cache): ``--no-cache``, else ``--cache-dir``, else
+  ``$JAXPRUNE_CACHE_DIR``, else JAX's own ``$JAX_COMPILATION_CACHE_DIR``, else :func:`default_cache_dir`."""
+  if off:
+    return None
+  return flag or os.environ.get(CACHE_ENV) or os.environ.get("JAX_COMPILATION_CACHE_DIR") or default_cache_dir()
+
+
+def use_compilation_cache(flag: Optional[str] = None, off: bool = False) -> Optional[str]:
+  """Points JAX's persistent compilation cache at :func:`cache_dir_for`'s folder; returns it.
+
+  Every program is cached, however fast it compiled (JAX's default keeps only those over a second, and each of
+  ours compiles faster than that, yet they add up to most of a command's time on a small checkpoint). A folder
+  that cannot be created costs the cache, with a warning, not the command.
+  """
+  import jax  # pylint: disable=import-outside-toplevel
+  folder = cache_dir_for(flag, off)
+  if folder is not None:
+    try:
+      os.makedirs(folder, exist_ok=True)
+    except OSError as err:
+      warnings.warn(f"compilation cache {folder} cannot be created ({err}); compiling without it")
+      folder = None
+  jax.config.update("jax_enable_compilation_cache", folder is not None)
+  if folder is not None:
+    jax.config.update("jax_compilation_cache_dir", folder)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+  return folder
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -547,7 +599,9 @@ def _selector(include: Sequence[re.Pattern], exclude: Sequence[re.Pattern]):
 
 def cmd_prune(args, out: Output) -> None:
   import interop  # pylint: disable=import-outside-toplevel
+  import jax  # pylint: disable=import-outside-toplevel
   kwargs = _check_prune_args(args)
+  use_compilation_cache(args.cache_dir, args.no_cache)
   check_output_form(args.output, "torch")
   check_target(args.output, args.force)
   with out.status(f"reading {args.input}"):
@@ -658,6 +712,8 @@ def cmd_convert(args, out: Output) -> None:
   check_target(args.output, args.force)
   if args.layout == "torch" and (args.module or args.layout_rules):
     raise UserError("--module and --layout-rules say how to write the Flax layout; they need --layout flax")
+  if args.layout == "flax":  # only the JAX form needs JAX: torch -> torch runs on numpy and imports no JAX
+    use_compilation_cache(args.cache_dir, args.no_cache)
   module = _factory(args.module)
   with out.status(f"reading {args.input}"):
     loaded = read_checkpoint(args.input, args.key)
@@ -685,6 +741,11 @@ def build_parser() -> argparse.ArgumentParser:
   common.add_argument("--json", action="store_true", help="print one JSON document instead of tables")
   common.add_argument("--key", help="the entry holding the state_dict in a torch file that wraps it "
                       "(e.g. state_dict)")
+  cached = argparse.ArgumentParser(add_help=False)
+  cached.add_argument("--cache-dir", metavar="DIR", help=f"JAX's persistent compilation cache (default: ${CACHE_ENV}, "
+                      "else $JAX_COMPILATION_CACHE_DIR, else $XDG_CACHE_HOME/jaxprune/xla or ~/.cache/jaxprune/xla); "
+                      "a second run of the same command compiles nothing")
+  cached.add_argument("--no-cache", action="store_true", help="compile without the persistent cache")
   parser = _Parser(prog="jaxprune", description="Prune, inspect and convert torch and JAX checkpoints with "
                    "jaxprune's engine (torch.nn.utils.prune semantics).")
   sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
@@ -695,7 +756,7 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("path")
   p.set_defaults(run=cmd_inspect)
 
-  p = sub.add_parser("prune", parents=[common], help="prune a checkpoint; torch loads the result",
+  p = sub.add_parser("prune", parents=[common, cached], help="prune a checkpoint; torch loads the result",
                      description="Prune a torch or safetensors checkpoint with jaxprune (torch's semantics; pruning "
                      "in the input is continued: amounts count the entries still alive). By default every floating "
                      "tensor with 2+ dimensions (weights, not biases) is pruned, each on its own.")
@@ -722,7 +783,7 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--force", action="store_true", help="overwrite OUT if it exists")
   p.set_defaults(run=cmd_prune)
 
-  p = sub.add_parser("convert", parents=[common], help="torch <-> JAX (Flax layout) checkpoints",
+  p = sub.add_parser("convert", parents=[common, cached], help="torch <-> JAX (Flax layout) checkpoints",
                      description="Convert between the torch form (.pt/.pth/.bin/.safetensors with torch names) and "
                      "the JAX form (Flax layout: a .safetensors file, or an Orbax checkpoint directory for any OUT "
                      "without a suffix). Masks and BatchNorm statistics come along; round trips are bit exact.")

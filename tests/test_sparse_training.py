@@ -130,11 +130,12 @@ def test_rigl_without_skip_and_with_a_dense_gradient_callback(problem):
   _, first_mask, _, state = history[0]
   grown = [new & ~old for old, new in zip(_kernels(masks), _kernels(first_mask))]
   assert any(g.any() for g in grown)
-  # the step was applied with the new masks: grown entries got Adam's first moments from zero state
+  # the step was applied with the new masks: grown entries got Adam's first moments from zero state (g0 comes from
+  # another compiled program than the step's gradient, so both moments are compared at a few float32 ulps)
   g0 = _kernels(jax.grad(loss)(params))
   mu, nu = (_kernels(optax.tree_utils.tree_get(state, name)) for name in ("mu", "nu"))
   for grown_l, g_l, mu_l, nu_l in zip(grown, g0, mu, nu):
-    np.testing.assert_allclose(mu_l[grown_l], 0.1 * g_l[grown_l], rtol=1e-6)
+    np.testing.assert_allclose(mu_l[grown_l], 0.1 * g_l[grown_l], rtol=1e-5)
     np.testing.assert_allclose(nu_l[grown_l], 0.001 * g_l[grown_l] ** 2, rtol=1e-5)
 
 

@@ -13,6 +13,12 @@
   the first key, and the metadata records the ties, which reading restores (the keys then share one array).
 * torch checkpoints are read only with ``torch.load(weights_only=True)``: a pickle that needs anything beyond
   tensors and plain containers (``os.system``, a model class, ...) is refused and nothing in it runs.
+* With ``mmap=True`` a file is mapped, not read: a safetensors file's tensors are numpy views of a private
+  (copy-on-write) mapping, a torch zip's come from ``torch.load(mmap=True)``, so reading costs no memory and a tensor
+  is paged in when first touched (the ``jaxprune`` commands read this way; :mod:`interop.pages` gives touched pages
+  back). Writing to such an array never reaches the file; the file must not be changed in place while mapped.
+* A sharded checkpoint (an index ``*.index.json`` and its shards, or the folder holding them, as Hugging Face
+  ships large models) reads and writes through the same functions (:mod:`interop.shards`).
 * Every write goes to a private temporary folder beside the target, is flushed to disk, then renamed over the
   target (a folder is swapped in with one atomic exchange where Linux offers it): a failure or a signal at any
   point leaves the old file or folder (or none), never a half-written one. Temporary folders are locked while in
@@ -26,13 +32,14 @@ import errno
 import fcntl
 import json
 import math
+import mmap as mmap_lib
 import os
 import pickle
 import re
 import shutil
 import stat
 import uuid
-from typing import Any, Iterator, Mapping, NamedTuple, Optional
+from typing import Any, Callable, Iterator, Mapping, NamedTuple, Optional
 
 import numpy as np
 
@@ -324,13 +331,30 @@ def _stored_ties(metadata: Mapping[str, str], tensors: Mapping[str, Any]) -> dic
       ("interop.", "jaxprune.")) and k != "format"}
 
 
-def _read_safetensors(path: str) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+def _mapped_arrays(path: str, header: Header) -> dict[str, np.ndarray]:
+  """The tensors as views of one private mapping of the file (writable: a write copies the page, the file stays)."""
+  with open(path, "rb") as f:
+    region = mmap_lib.mmap(f.fileno(), 0, access=mmap_lib.ACCESS_COPY)
+  data = np.frombuffer(region, np.uint8)  # the views keep the mapping alive; it closes with the last of them
+  start = header.data_start
+  return {name: data[start + begin:start + end].view(dtype).reshape(shape)
+          for name, (dtype, shape, begin, end) in header.tensors.items()}
+
+
+def _read_safetensors(path: str, mmap: bool = False) -> tuple[dict[str, np.ndarray], dict[str, str]]:
   header = read_header(path)
   aliases = _stored_ties(header.metadata, header.tensors)
   order = _json_list(header.metadata.get(KEYS_METADATA))
   if not (isinstance(order, list) and all(isinstance(k, str) for k in order)
           and sorted(order) == sorted([*header.tensors, *aliases])):
     order = [*header.tensors, *aliases]  # file order; a dropped duplicate has no place there but after the rest
+  arrays = _mapped_arrays(path, header) if mmap and header.tensors else _read_arrays(path, header)
+  arrays.update((alias, arrays[stored]) for alias, stored in aliases.items())  # one array: the tie is back
+  return {name: arrays[name] for name in order}, header.metadata
+
+
+def _read_arrays(path: str, header: Header) -> dict[str, np.ndarray]:
+  """The tensors read into memory of their own, in the order of their bytes in the file."""
   arrays, memory = {}, _physical_memory()
   with open(path, "rb") as f:
     for name, (dtype, shape, begin, end) in sorted(header.tensors.items(), key=lambda kv: kv[1][2]):
@@ -344,8 +368,7 @@ def _read_safetensors(path: str) -> tuple[dict[str, np.ndarray], dict[str, str]]
         raise CheckpointError(f"{path}: tensor {name!r} ({end - begin:,} bytes) does not fit in memory") from None
       f.seek(header.data_start + begin)
       _read_exactly(f, arrays[name], path, name)
-  arrays.update((alias, arrays[stored]) for alias, stored in aliases.items())  # one array: the tie is back
-  return {name: arrays[name] for name in order}, header.metadata
+  return arrays
 
 
 def _torch_reason(err: Exception) -> Optional[str]:
@@ -353,13 +376,15 @@ def _torch_reason(err: Exception) -> Optional[str]:
   return next((line.strip() for line in str(err).splitlines() if "unsupported" in line.lower()), None)
 
 
-def _read_torch(path: str) -> Any:
+def _read_torch(path: str, mmap: bool = False) -> Any:
   try:
     import torch  # pylint: disable=import-outside-toplevel
   except ImportError as err:
     raise CheckpointError(f"{path} is a torch checkpoint; reading it needs torch (pip install 'jaxprune[torch]'), "
                           "or save it as safetensors") from err
   try:
+    if mmap and not path.endswith(".safetensors") and _is_zip(path):  # torch maps zip files only
+      return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     # A file object, not the path: torch.load hands any path ending in .safetensors to safetensors, unchecked.
     with open(path, "rb") as f:
       return torch.load(f, map_location="cpu", weights_only=True)
@@ -379,6 +404,11 @@ def _read_torch(path: str) -> Any:
   except Exception as err:  # zip, storage and EOF errors of a broken file
     raise CheckpointError(f"{path}: cannot read it as a torch checkpoint, it is truncated or corrupt "
                           f"({type(err).__name__}: {err})") from err
+
+
+def _is_zip(path: str) -> bool:
+  with open(path, "rb") as f:
+    return f.read(4) == b"PK\x03\x04"
 
 
 def _state_dict_of(obj: Any, path: str, key: Optional[str]) -> dict[str, Any]:
@@ -402,29 +432,38 @@ def _state_dict_of(obj: Any, path: str, key: Optional[str]) -> dict[str, Any]:
   return dict(obj)
 
 
-def load_state_dict(path: "os.PathLike[str] | str", *, key: Optional[str] = None) -> dict[str, Any]:
+def load_state_dict(path: "os.PathLike[str] | str", *, key: Optional[str] = None,
+                    mmap: bool = False) -> dict[str, Any]:
   """Reads a state_dict from a torch checkpoint (torch tensors) or a safetensors file (numpy arrays, no torch).
 
   Args:
-    path: the file; its format is recognised from its content.
+    path: the file; its format is recognised from its content. Or a sharded checkpoint: its index
+      (``model.safetensors.index.json``, ``pytorch_model.bin.index.json``) or the folder holding it.
     key: the entry holding the state_dict when the file wraps it (``{"state_dict": ..., "epoch": 3}``).
+    mmap: map the file instead of reading it (see the module docstring): no memory is spent until a tensor is
+      touched, and a checkpoint larger than memory can be read tensor by tensor.
 
   Raises:
     UnsafeCheckpointError: a pickle that references anything beyond tensors; it is not executed.
     CheckpointError: an empty, truncated, corrupt or unknown file, or one that holds no state_dict.
     DTypeError: a tensor numpy and JAX cannot hold (sparse, quantized, meta, complex32, float4, ...).
   """
-  return load_with_metadata(path, key=key)[0]
+  return load_with_metadata(path, key=key, mmap=mmap)[0]
 
 
-def load_with_metadata(path: "os.PathLike[str] | str", *, key: Optional[str] = None
+def load_with_metadata(path: "os.PathLike[str] | str", *, key: Optional[str] = None, mmap: bool = False
                        ) -> tuple[dict[str, Any], dict[str, str]]:
-  """:func:`load_state_dict` and, from the same read of the header, the safetensors metadata (``{}`` for torch)."""
+  """:func:`load_state_dict` and, from the same read of the header, the safetensors metadata (``{}`` for torch;
+  a sharded checkpoint's index metadata, for one)."""
+  from interop import shards  # pylint: disable=import-outside-toplevel  # shards reads each shard through here
   path = os.fspath(path)
+  index = shards.find_index(path)
+  if index is not None:
+    return shards.load(index, key=key, mmap=mmap)
   if _sniff(path) == "safetensors":
-    obj, metadata = _read_safetensors(path)
+    obj, metadata = _read_safetensors(path, mmap)
   else:
-    obj, metadata = _read_torch(path), {}
+    obj, metadata = _read_torch(path, mmap), {}
   return _state_dict_of(obj, path, key), metadata
 
 
@@ -437,7 +476,10 @@ def read_metadata(path: "os.PathLike[str] | str") -> dict[str, str]:
 
 
 _SAFETENSORS_CODES = {name: code for code, name in SAFETENSORS_DTYPES.items()}
-_ALIGNMENT = 8  # the data starts at a multiple of 8 bytes, as safetensors' own writer pads its header
+_ALIGNMENT = 64
+"""The data starts at a multiple of 64 bytes (safetensors' own writer pads its header to 8): the tensors of a
+mapped file are then 64-byte aligned (all but those after a tensor of an odd size), which JAX's CPU client needs
+to use their memory as it is rather than copy it."""
 
 
 def _safetensors_arrays(state_dict: Mapping[str, Any], path: str) -> dict[str, np.ndarray]:
@@ -453,8 +495,13 @@ def _safetensors_arrays(state_dict: Mapping[str, Any], path: str) -> dict[str, n
   return arrays
 
 
-def write_safetensors(arrays: Mapping[str, np.ndarray], path: str, metadata: Mapping[str, str]) -> None:
-  """A safetensors file with header and data in ``arrays``' order (C-contiguous little-endian arrays)."""
+def write_safetensors(arrays: Mapping[str, np.ndarray], path: str, metadata: Mapping[str, str],
+                      done: Optional[Callable[[np.ndarray], None]] = None) -> None:
+  """A safetensors file with header and data in ``arrays``' order (C-contiguous little-endian arrays).
+
+  ``done(array)`` is called once each array is written (:class:`interop.pages.PageDropper` then gives back the
+  pages of a mapped input: converting a file larger than memory holds one tensor at a time).
+  """
   header: dict[str, Any] = {"__metadata__": dict(metadata)} if metadata else {}
   offset = 0
   for name, array in arrays.items():
@@ -468,35 +515,28 @@ def write_safetensors(arrays: Mapping[str, np.ndarray], path: str, metadata: Map
     f.write(raw)
     for array in arrays.values():
       f.write(array.reshape(-1).view(np.uint8).data)
+      if done is not None:
+        done(array)
 
 
-def save_state_dict(state_dict: Mapping[str, Any], path: "os.PathLike[str] | str", *,
-                    metadata: Optional[Mapping[str, str]] = None) -> None:
-  """Writes a state_dict atomically: ``.safetensors`` through numpy (no torch needed), anything else with
-  ``torch.save``.
+Writer = Callable[[str], None]
+"""Writes a checked state_dict to the path it is given (not atomically: the caller gives it a temporary path)."""
 
-  Args:
-    state_dict: key -> torch tensor or numpy array, in the order to keep. Tied keys (one tensor under several
-      names, :func:`interop.ties.find_ties`) stay tied: ``torch.save`` keeps shared storage as it is; a safetensors
-      file stores the tensor once, under its first key, and records the ties, which :func:`load_state_dict`
-      restores.
-    path: the target; an existing file is replaced only once the new one is complete.
-    metadata: extra string metadata (safetensors only), e.g. ``{"interop.spec": spec.to_json()}``.
 
-  Raises:
-    DTypeError: a dtype safetensors cannot store (complex128), checked before anything is written.
-  """
-  path = os.fspath(path)
+def file_writer(state_dict: Mapping[str, Any], path: str, metadata: Optional[Mapping[str, str]] = None,
+                done: Optional[Callable[[Any], None]] = None) -> Writer:
+  """Checks ``state_dict`` for the kind of file ``path`` names (``.safetensors``, else ``torch.save``) and returns
+  the writer of that file: every check runs now, before anything is written. See :func:`save_state_dict`;
+  ``done`` is :func:`write_safetensors`'."""
   if path.endswith(".safetensors"):
     tied = ties_lib.find_ties(state_dict)
     aliases = {key for group in tied for key in group[1:]}
     arrays = _safetensors_arrays({k: v for k, v in state_dict.items() if k not in aliases}, path)
-    meta = {KEYS_METADATA: json.dumps(list(state_dict)), **(metadata or {})}
+    # "format": "pt" as Hugging Face's writers put it (transformers refuses a safetensors file without it)
+    meta = {"format": "pt", KEYS_METADATA: json.dumps(list(state_dict)), **(metadata or {})}
     if tied:
       meta[TIES_METADATA] = json.dumps([list(group) for group in tied])
-    with atomic_write(path) as tmp:
-      write_safetensors(arrays, tmp, meta)
-    return
+    return lambda target: write_safetensors(arrays, target, meta, done)
   if metadata:
     raise ValueError(f"metadata is stored in safetensors files only, not in {path!r}")
   import torch  # pylint: disable=import-outside-toplevel
@@ -507,5 +547,37 @@ def save_state_dict(state_dict: Mapping[str, Any], path: "os.PathLike[str] | str
       tensors[name] = tensors[canonical[name]]
     else:
       tensors[name] = value if devices.is_torch_tensor(value) else devices.torch_from_host(np.asarray(value))
+  return lambda target: torch.save(tensors, target)
+
+
+def save_state_dict(state_dict: Mapping[str, Any], path: "os.PathLike[str] | str", *,
+                    metadata: Optional[Mapping[str, str]] = None, max_shard_size: "int | str | None" = None,
+                    done: Optional[Callable[[Any], None]] = None) -> None:
+  """Writes a state_dict atomically: ``.safetensors`` through numpy (no torch needed), anything else with
+  ``torch.save``; or, sharded, an index and its shards (:func:`interop.shards.save`).
+
+  Args:
+    state_dict: key -> torch tensor or numpy array, in the order to keep. Tied keys (one tensor under several
+      names, :func:`interop.ties.find_ties`) stay tied: ``torch.save`` keeps shared storage as it is; a safetensors
+      file stores the tensor once, under its first key, and records the ties, which :func:`load_state_dict`
+      restores.
+    path: the target; an existing file is replaced only once the new one is complete. A path ending in
+      ``.index.json`` (``out/model.safetensors.index.json``, ``out/pytorch_model.bin.index.json``) writes a sharded
+      checkpoint into its folder.
+    metadata: extra string metadata (safetensors only), e.g. ``{"interop.spec": spec.to_json()}``; a sharded
+      checkpoint keeps it in its index.
+    max_shard_size: the largest shard, in bytes or as ``"5GB"``, ``"500MB"``, ``"2GiB"``: writes a sharded
+      checkpoint (into ``path`` as a folder, unless ``path`` names the index). Default for an index path: 5GB.
+    done: called with each tensor once it is written (safetensors only; see :func:`write_safetensors`).
+
+  Raises:
+    DTypeError: a dtype safetensors cannot store (complex128), checked before anything is written.
+  """
+  from interop import shards  # pylint: disable=import-outside-toplevel
+  path = os.fspath(path)
+  if max_shard_size is not None or path.endswith(shards.INDEX_SUFFIX):
+    shards.save(state_dict, path, max_shard_size=max_shard_size, metadata=metadata, done=done)
+    return
+  write = file_writer(state_dict, path, metadata, done)
   with atomic_write(path) as tmp:
-    torch.save(tensors, tmp)
+    write(tmp)

@@ -423,7 +423,7 @@ def _unflatten(flat: Mapping[tuple[str, ...], Any]) -> dict:
 def from_torch(source: Any, *, layout: str = "torch", module: Any = None,
                rules: Sequence[layouts.LayoutRule] = (),
                device: Union[devices.Placement, devices.PlacementFn] = None, copy: bool = True,
-               key: Optional[str] = None) -> Converted:
+               key: Optional[str] = None, done: Optional[Callable[[Any], None]] = None) -> Converted:
   """A torch state_dict as ``(params, masks, buffers, spec)`` pytrees.
 
   Args:
@@ -443,6 +443,7 @@ def from_torch(source: Any, *, layout: str = "torch", module: Any = None,
       tensors in place (a live model's ``state_dict()`` shares its parameters' storage). Tensors read from a file
       are never copied.
     key: for a checkpoint path whose file holds the state_dict under a key (``"state_dict"``).
+    done: called with each tensor of the state_dict once converted (:func:`tensor_stats` has the same hook).
 
   Returns:
     :class:`Converted`: ``params``, ``masks`` (bool per pruned param, :data:`jaxprune.UNMASKED` elsewhere),
@@ -480,6 +481,8 @@ def from_torch(source: Any, *, layout: str = "torch", module: Any = None,
     else:
       trees.setdefault(e.collection, {})[e.path] = devices.to_jax(value, placement, perm=e.perm,
                                                                    copy=copy and not owned, key=e.key)
+    if done is not None:
+      done(value)
   params = trees.pop("params", {})
   from jaxprune import UNMASKED  # pylint: disable=import-outside-toplevel
   mask_tree = {path: masks.get(path, UNMASKED) for path in params}
@@ -547,7 +550,7 @@ def _check_leaves(entries: Sequence[Entry], leaves: Mapping[tuple, Any], masks: 
 def to_torch(params: PyTree, masks: Optional[PyTree] = None, buffers: Optional[Mapping[str, PyTree]] = None,
              spec: Optional[TorchSpec] = None, *, layout: str = "torch", module: Any = None,
              rules: Sequence[layouts.LayoutRule] = (), permanent: bool = False, copy: bool = True,
-             tensors: str = "torch") -> dict[str, Any]:
+             tensors: str = "torch", done: Optional[Callable[[Any], None]] = None) -> dict[str, Any]:
   """``(params, masks, buffers)`` back to a torch state_dict; ``to_torch(*from_torch(sd))`` equals ``sd`` bit for bit.
 
   Args:
@@ -561,6 +564,8 @@ def to_torch(params: PyTree, masks: Optional[PyTree] = None, buffers: Optional[M
     permanent: bake the masks in (torch's ``prune.remove``): plain keys that load into an unpruned model.
     copy: when False, results may share memory with the JAX arrays (DLPack); do not modify them in place.
     tensors: ``"torch"``, or ``"numpy"`` for numpy arrays (to write safetensors without torch).
+    done: called with each leaf once converted (a memory-mapped leaf's pages can then go back,
+      :mod:`interop.pages`) and, with ``permanent``, as :func:`permanent_state_dict` calls it.
 
   Returns:
     An ordered ``dict`` key -> tensor: params then buffers per module (spec §9), a pruned ``X`` as ``X_orig`` plus
@@ -602,12 +607,16 @@ def to_torch(params: PyTree, masks: Optional[PyTree] = None, buffers: Optional[M
     slot = (e.role == "mask", e.collection, *e.path)
     if slot not in made:
       back = devices.inverse_perm(e.perm)
-      made[slot] = (devices.mask_to_torch(flat_masks[e.path], e.dtype, perm=back, tensors=tensors)
+      # Masks to be folded in right away stay bool: the product is the same, without a mask in the param's dtype.
+      made[slot] = (devices.mask_to_torch(flat_masks[e.path], "bool" if permanent else e.dtype, perm=back,
+                                          tensors=tensors)
                     if e.role == "mask" else
                     devices.to_torch_tensor(leaves[(e.collection, *e.path)], e.dtype, perm=back, copy=copy,
                                             tensors=tensors))
+      if done is not None and e.role != "mask":
+        done(leaves[(e.collection, *e.path)])
     out[e.key] = made[slot]
-  return permanent_state_dict(out) if permanent else out
+  return permanent_state_dict(out, done) if permanent else out
 
 
 def _fold(orig: Any, mask: Any) -> Any:
@@ -616,10 +625,12 @@ def _fold(orig: Any, mask: Any) -> Any:
     torch = sys.modules["torch"]
     with torch.no_grad():
       return mask.to(dtype=orig.dtype) * orig.detach()
-  return np.asarray(mask).astype(orig.dtype) * orig
+  out = np.asarray(mask).astype(orig.dtype)
+  return np.multiply(out, orig, out=out)  # into the cast mask: one new array per tensor, not two
 
 
-def permanent_state_dict(state_dict: Mapping[str, Any]) -> dict[str, Any]:
+def permanent_state_dict(state_dict: Mapping[str, Any],
+                         done: Optional[Callable[[Any], None]] = None) -> dict[str, Any]:
   """A pruned state_dict with the pruning baked in, as torch's ``prune.remove`` leaves it (spec §7).
 
   Every ``X_orig``/``X_mask`` pair becomes ``X = X_mask * X_orig`` at ``X_orig``'s place (torch's order when
@@ -629,6 +640,8 @@ def permanent_state_dict(state_dict: Mapping[str, Any]) -> dict[str, Any]:
   Tied keys (:mod:`interop.ties`) stay one tensor: as ``prune.remove`` writes the masked values into the shared
   parameter (``orig.data = ...``), every key of the group gets the product of the group's masks, also a key torch
   never pruned (GPT-2's ``transformer.wte.weight`` after ``lm_head.weight`` was pruned and removed).
+
+  ``done(tensor)`` follows each ``X_orig`` once folded (:func:`tensor_stats` has the same hook).
   """
   rows = _classify(_meta(state_dict), None)
   folded: dict[str, Any] = {}
@@ -643,6 +656,8 @@ def permanent_state_dict(state_dict: Mapping[str, Any]) -> dict[str, Any]:
     if role == "orig":
       out[_join(prefix, base)] = folded[key] if key in folded else _fold(state_dict[key],
                                                                          state_dict[_join(prefix, base) + MASK])
+      if done is not None:
+        done(state_dict[key])
     elif role != "mask":
       out[key] = folded.get(key, state_dict[key])
   return out
@@ -681,13 +696,60 @@ class TensorStats(NamedTuple):
   zeros: int
 
 
+_CHUNK = 1 << 22
+"""Entries counted at a time: the temporaries of counting stay a few MiB, whatever the tensor's size."""
+
+
+def _chunks(view: np.ndarray) -> list[slice]:
+  return [slice(i, min(i + _CHUNK, view.size)) for i in range(0, view.size, _CHUNK)]
+
+
+def _nonzeros(view: np.ndarray, done: Callable[[Any], None]) -> int:
+  """Nonzero entries of ``view``, piece by piece, each piece handed to ``done`` once counted."""
+  if view.size <= _CHUNK:  # most tensors: one piece, nothing sliced (a checkpoint of many small ones shows it)
+    count = int(np.count_nonzero(view))
+    done(view)
+    return count
+  flat, count = view.reshape(-1), 0
+  for piece in _chunks(flat):
+    count += int(np.count_nonzero(flat[piece]))
+    done(flat[piece])
+  return count
+
+
+def _kept_nonzeros(view: np.ndarray, mask_view: np.ndarray, mask_key: str, done: Callable[[Any], None]) -> int:
+  """Nonzero entries of the effective weight ``view * mask`` (torch layout), after checking the mask is exactly 0/1,
+  piece by piece: no full-size bool mask or product is made."""
+  if view.size <= _CHUNK:
+    count = int(np.count_nonzero(devices.binary_mask_host(mask_view, mask_key) & (view != 0)))
+    done(view)
+    done(mask_view)
+    return count
+  flat, mask_flat, count = view.reshape(-1), mask_view.reshape(-1), 0
+  for piece in _chunks(flat):
+    try:
+      keep = devices.binary_mask_host(mask_flat[piece], mask_key)
+    except MaskError:
+      devices.binary_mask_host(mask_view, mask_key)  # the whole mask again, so the error gives the index in it
+      raise
+    count += int(np.count_nonzero(keep & (flat[piece] != 0)))  # nonzero as count_nonzero means it: NaN counts
+    done(flat[piece])
+    done(mask_flat[piece])
+  return count
+
+
 def tensor_stats(state_dict: Mapping[str, Any], layout: str = "torch", *, module: Any = None,
-                 rules: Sequence[layouts.LayoutRule] = ()) -> tuple[TorchSpec, list[TensorStats]]:
+                 rules: Sequence[layouts.LayoutRule] = (),
+                 done: Optional[Callable[[Any], None]] = None) -> tuple[TorchSpec, list[TensorStats]]:
   """Checks a state_dict as :func:`from_torch` would and counts the zeros of every param, on the host only.
 
   ``module`` and ``rules`` are :func:`from_torch`'s. Every check of :func:`from_torch` runs (pairs, 0/1 masks,
   layout rules, dtypes JAX can hold with ``jax_enable_x64`` as it is), but no JAX array is made: a state_dict of
   many small tensors is counted at numpy's speed, with no device transfer per tensor.
+
+  Tensors are read one at a time (a param with its mask), in pieces of a few MiB, each piece handed to ``done``
+  once counted: with a memory-mapped state_dict and an :class:`interop.pages.PageDropper` as ``done``, counting a
+  checkpoint of any size holds a few MiB of it at a time.
 
   Returns:
     The spec and one :class:`TensorStats` per param (buffers are in the spec only; tied keys, ``spec.ties``, once),
@@ -696,19 +758,30 @@ def tensor_stats(state_dict: Mapping[str, Any], layout: str = "torch", *, module
   Raises:
     As :func:`from_torch`.
   """
+  done = done or (lambda _: None)
   spec = build_spec(_meta(state_dict), layout, rules, None if module is None else module_infos(module),
                     ties_lib.find_ties(state_dict))
   aliases = {key for group in spec.ties for key in group[1:]}
-  masks = {e.path: devices.binary_mask_host(devices.host_view(state_dict[e.key]), e.key)
-           for e in spec.entries if e.role == "mask"}
+  mask_of = {e.path: e.key for e in spec.entries if e.role == "mask"}  # as from_torch: the last mask of a path
   stats = []
   for e in spec.entries:
-    if e.role == "mask" or e.key in aliases:  # a tied tensor is counted once, under its first key
+    if e.role == "mask":
+      if mask_of[e.path] != e.key:  # a tied key's other mask: checked, though the leaf's mask is another
+        view = devices.host_view(state_dict[e.key])
+        devices.binary_mask_host(view, e.key)
+        done(view)
+      continue
+    if e.key in aliases:  # a tied tensor is counted once, under its first key
       continue
     view = devices.host_view(state_dict[e.key])
     devices.narrowed_dtype(view, e.key)
     if e.role == "buffer":
+      done(view)
       continue
-    kept = view if e.role == "param" else np.where(masks[e.path], view, np.zeros((), view.dtype))  # torch layout
-    stats.append(TensorStats(e, e.role == "orig", view.size, view.size - int(np.count_nonzero(kept))))
+    if e.role == "param":
+      nonzero = _nonzeros(view, done)
+    else:
+      mask_key = mask_of[e.path]
+      nonzero = _kept_nonzeros(view, devices.host_view(state_dict[mask_key]), mask_key, done)
+    stats.append(TensorStats(e, e.role == "orig", view.size, view.size - nonzero))
   return spec, stats

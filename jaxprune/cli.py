@@ -2,6 +2,13 @@
 
 * ``jaxprune inspect PATH``: per-tensor sparsity of a torch (``.pt``/``.pth``/``.bin``), safetensors or
   jaxprune-written JAX checkpoint (a Flax-layout ``.safetensors`` or an Orbax directory), pruned or permanent.
+
+Any input may also be a sharded checkpoint as Hugging Face ships them (``model.safetensors.index.json`` or
+``pytorch_model.bin.index.json`` and its shards; the index or its folder), and any output too: OUT named as an
+index, or a folder (``--max-shard-size`` sets the shards' size, 5GB by default), written whole and atomically
+(:mod:`interop.shards`). Inputs are memory-mapped and given back tensor by tensor (:mod:`interop.pages`), so
+``inspect`` holds a few MiB of a checkpoint at a time and ``convert --layout torch`` converts a checkpoint larger
+than memory.
 * ``jaxprune prune IN -o OUT --method l1|random|ln|nm ...``: prunes with jaxprune's engine (torch's exact
   semantics) and writes a checkpoint that torch loads: ``X_orig`` + ``X_mask`` pairs, or plain tensors with
   ``--permanent``.
@@ -75,10 +82,24 @@ class _Parser(argparse.ArgumentParser):
 
 
 class Loaded(NamedTuple):
-  """A checkpoint read from disk: its torch-form state_dict (numpy arrays or torch tensors) and the layout of the
-  file (``"torch"``, or ``"flax"`` for the JAX form)."""
+  """A checkpoint read from disk: its torch-form state_dict (numpy arrays or torch tensors), the layout of the
+  file (``"torch"``, or ``"flax"`` for the JAX form), and the files it was mapped from (its shards, for a sharded
+  one), whose pages a :class:`interop.pages.PageDropper` may give back."""
   state_dict: dict
   layout: str
+  files: tuple[str, ...] = ()
+
+
+@contextlib.contextmanager
+def _dropping(source: Union[Loaded, Sequence[str]]) -> Iterator[Callable[[Any], None]]:
+  """A :class:`interop.pages.PageDropper` over the files a checkpoint was mapped from: each tensor's pages go back
+  once it has been counted or written, so a command holds about one tensor of the checkpoint at a time."""
+  from interop.pages import PageDropper  # pylint: disable=import-outside-toplevel
+  dropper = PageDropper(source.files if isinstance(source, Loaded) else source)
+  try:
+    yield dropper
+  finally:
+    dropper.flush()
 
 
 def _escape(part: str) -> str:
@@ -103,8 +124,12 @@ def _unflatten(flat: dict, path: str) -> dict:
   return traverse_util.unflatten_dict(paths)
 
 
-def _jax_to_state_dict(trees: dict, spec_json: Optional[str], path: str) -> dict:
-  """The torch-form state_dict of JAX-form trees ``{"params", "masks", collections...}`` read from ``path``."""
+def _jax_to_state_dict(trees: dict, spec_json: Optional[str], path: str,
+                       done: Optional[Callable[[Any], None]] = None) -> dict:
+  """The torch-form state_dict of JAX-form trees ``{"params", "masks", collections...}`` read from ``path``.
+
+  copy=False: a tensor that needs no transpose stays the mapped file's array; ``done`` follows each one converted.
+  """
   import interop  # pylint: disable=import-outside-toplevel
   from flax import traverse_util  # pylint: disable=import-outside-toplevel
   trees = dict(trees)
@@ -120,7 +145,7 @@ def _jax_to_state_dict(trees: dict, spec_json: Optional[str], path: str) -> dict
     spec = interop.TorchSpec.from_json(spec_json) if spec_json is not None else None
   except interop.InteropError as err:
     raise UserError(f"{path}: metadata {SPEC_KEY!r}: {err}") from None
-  return interop.to_torch(params, masks, trees, spec, layout="flax", tensors="numpy")
+  return interop.to_torch(params, masks, trees, spec, layout="flax", tensors="numpy", copy=False, done=done)
 
 
 def _read_orbax(path: str) -> Loaded:
@@ -162,14 +187,20 @@ def read_checkpoint(path: str, key: Optional[str] = None) -> Loaded:
   """Reads any checkpoint form the CLI knows (see the module docstring); ``key`` picks the state_dict out of a
   torch file that wraps it (``{"state_dict": ..., "epoch": 3}``, as Lightning saves)."""
   import interop  # pylint: disable=import-outside-toplevel
+  from interop import shards  # pylint: disable=import-outside-toplevel
   if not os.path.exists(path):
     raise UserError(f"{path}: no such file or directory")
-  if os.path.isdir(path):
+  index = shards.find_index(path)  # an index, or a folder holding one: a sharded checkpoint
+  if os.path.isdir(path) and index is None:
     return _read_orbax(path)
-  state_dict, meta = interop.io.load_with_metadata(path, key=key)  # the format is read from the content
+  # Mapped, not read: a tensor costs memory once touched, and commands give the pages back when done with them.
+  state_dict, meta = interop.io.load_with_metadata(path, key=key, mmap=True)  # the format is read from the content
+  files = (path,) if index is None else tuple(
+      os.path.join(os.path.dirname(index), shard) for shard in dict.fromkeys(shards.read_index(index).weight_map.values()))
   if meta.get(FORMAT_KEY) == "flax":
-    return Loaded(_jax_to_state_dict(_unflatten(state_dict, path), meta.get(SPEC_KEY), path), "flax")
-  return Loaded(state_dict, "torch")
+    with _dropping(files) as done:
+      return Loaded(_jax_to_state_dict(_unflatten(state_dict, path), meta.get(SPEC_KEY), path, done), "flax", files)
+  return Loaded(state_dict, "torch", files)
 
 
 def _written_by_jaxprune(path: str) -> bool:
@@ -197,6 +228,60 @@ def check_target(path: str, force: bool) -> None:
   folder = os.path.dirname(os.path.abspath(path))
   if not os.path.isdir(folder):
     raise UserError(f"{path}: the folder {folder} does not exist")
+
+
+class Target(NamedTuple):
+  """Where a command writes: OUT as given and, when it is a sharded checkpoint, the path of its index (the folder
+  of the index is the checkpoint, written whole) and the largest shard in bytes."""
+  path: str
+  index: Optional[str] = None
+  max_shard_size: Optional[int] = None
+
+
+def output_target(path: str, layout: str, max_shard_size: Optional[int]) -> Target:
+  """What OUT names: an index (``NAME.safetensors.index.json``, ``NAME.bin.index.json``), or a folder (a path
+  without a file suffix) in the torch layout or with ``--max-shard-size``: a sharded checkpoint there (with
+  ``model.safetensors.index.json``); else one file, or (flax layout, no suffix) an Orbax directory. Refuses, before
+  any work, a name that does not fit the layout."""
+  from interop import shards  # pylint: disable=import-outside-toplevel
+  folder = not os.path.splitext(os.path.basename(path.rstrip("/")))[1]  # a path without a file suffix
+  if path.endswith(shards.INDEX_SUFFIX) or (folder and (layout == "torch" or max_shard_size is not None)):
+    index = shards.index_path_for(path)
+    try:
+      suffix = shards.shard_suffix(index)
+    except ValueError as err:
+      raise UserError(str(err)) from None
+    if layout == "flax" and suffix != SAFETENSORS:
+      raise UserError(f"{path}: the flax layout is sharded as safetensors (NAME.safetensors{shards.INDEX_SUFFIX}), "
+                      "not as torch pickles")
+    return Target(path, index, shards.DEFAULT_MAX_SHARD_SIZE if max_shard_size is None else max_shard_size)
+  if max_shard_size is not None:
+    raise UserError(f"{path}: --max-shard-size writes a sharded checkpoint: give a folder or an index "
+                    f"(FOLDER/model.safetensors{shards.INDEX_SUFFIX}) as OUT")
+  check_output_form(path, layout)
+  return Target(path)
+
+
+def check_sharded_target(target: Target, force: bool) -> None:
+  """The folder of a sharded target is replaced whole: refuses it unless it is new, empty, or (with ``--force``) a
+  sharded checkpoint and nothing more."""
+  from interop import shards  # pylint: disable=import-outside-toplevel
+  folder = os.path.dirname(os.path.abspath(target.index))
+  if os.path.lexists(folder) and not (os.path.isdir(folder) and not os.listdir(folder)) and not force:
+    raise UserError(f"{folder} exists; pass --force to replace the sharded checkpoint in it")
+  try:
+    shards.check_folder(target.index)
+  except ValueError as err:
+    raise UserError(str(err)) from None
+  if not os.path.isdir(os.path.dirname(folder)):
+    raise UserError(f"{target.path}: the folder {os.path.dirname(folder)} does not exist")
+
+
+def check_output(target: Target, force: bool) -> None:
+  if target.index is not None:
+    check_sharded_target(target, force)
+  else:
+    check_target(target.path, force)
 
 
 def check_output_form(path: str, layout: str) -> None:
@@ -267,16 +352,30 @@ def write_atomically(path: str, write: Callable[[str], None]) -> None:
     write(tmp)
 
 
-def write_torch(state_dict: dict, path: str) -> None:
-  """A torch-form state_dict as ``.pt``/``.pth``/``.bin`` (needs torch) or ``.safetensors`` (does not)."""
+def write_sharded(flat: dict, target: Target, metadata: Optional[dict] = None,
+                  done: Optional[Callable[[Any], None]] = None) -> None:
+  """A sharded checkpoint: index and shards written into a temporary folder, swapped in whole."""
+  from interop import shards  # pylint: disable=import-outside-toplevel
+  write = shards.writer(flat, target.index, max_shard_size=target.max_shard_size, metadata=metadata, done=done)
+  write_atomically(os.path.dirname(os.path.abspath(target.index)), write)
+
+
+def write_torch(state_dict: dict, target: Target, done: Optional[Callable[[Any], None]] = None) -> None:
+  """A torch-form state_dict as ``.pt``/``.pth``/``.bin`` (needs torch) or ``.safetensors`` (does not), or
+  sharded in either. ``done(tensor)`` follows each tensor written to safetensors (to give its pages back)."""
   import interop  # pylint: disable=import-outside-toplevel
-  if not path.endswith(SAFETENSORS):
+  path = target.index or target.path
+  if not path.removesuffix(".index.json").endswith(SAFETENSORS):
     try:
       import torch  # noqa: F401  # pylint: disable=import-outside-toplevel,unused-import
     except ImportError as err:
       raise UserError(f"{path}: writing a torch checkpoint needs torch (pip install 'jaxprune[torch]'); "
                       f"write {SAFETENSORS} instead") from err
-  write_atomically(path, lambda tmp: interop.save_state_dict(state_dict, tmp))
+  if target.index is not None:
+    write_sharded(state_dict, target, done=done)
+    return
+  write = interop.io.file_writer(state_dict, path, done=done)  # checked before anything is written
+  write_atomically(path, write)
 
 
 class FlaxLayout(NamedTuple):
@@ -285,13 +384,18 @@ class FlaxLayout(NamedTuple):
   rules: tuple = ()
 
 
-def _jax_trees(state_dict: dict, how: FlaxLayout) -> tuple[dict, str]:
-  """The JAX form of a state_dict: ``{"params", "masks" (pruned leaves only), collections...}`` and its spec."""
+def _jax_trees(state_dict: dict, how: FlaxLayout, done: Optional[Callable[[Any], None]] = None) -> tuple[dict, str]:
+  """The JAX form of a state_dict: ``{"params", "masks" (pruned leaves only), collections...}`` and its spec.
+
+  copy=False: a tensor that needs no transpose stays in the mapped file's memory (nobody writes to it), and each
+  tensor goes to ``done`` once converted; the numpy views of the results are those arrays' own memory."""
   import interop  # pylint: disable=import-outside-toplevel
   import jax  # pylint: disable=import-outside-toplevel
+  import numpy as np  # pylint: disable=import-outside-toplevel
   from flax import traverse_util  # pylint: disable=import-outside-toplevel
-  converted = interop.from_torch(state_dict, layout="flax", module=how.module, rules=how.rules)
-  host = lambda tree: jax.tree.map(jax.device_get, tree)  # noqa: E731  # numpy keeps the dtypes orbax writes
+  converted = interop.from_torch(state_dict, layout="flax", module=how.module, rules=how.rules, copy=False,
+                                 done=done)
+  host = lambda tree: jax.tree.map(np.asarray, tree)  # noqa: E731  # numpy keeps the dtypes orbax writes
   masks = {path: m for path, m in traverse_util.flatten_dict(converted.masks).items() if jaxprune.is_masked(m)}
   trees = {"params": host(converted.params), **host(converted.buffers)}
   if masks:
@@ -299,16 +403,21 @@ def _jax_trees(state_dict: dict, how: FlaxLayout) -> tuple[dict, str]:
   return trees, converted.spec.to_json()
 
 
-def write_flax(state_dict: dict, path: str, how: FlaxLayout = FlaxLayout()) -> None:
+def write_flax(state_dict: dict, target: Target, how: FlaxLayout = FlaxLayout(),
+               done: Optional[Callable[[Any], None]] = None) -> None:
   """The JAX form: a ``.safetensors`` file with ``/``-joined keys (``/`` and ``%`` inside a key part escaped as
-  ``%2F``, ``%25``), or else an Orbax checkpoint directory."""
+  ``%2F``, ``%25``), sharded safetensors (the metadata in the index), or else an Orbax checkpoint directory."""
   import interop  # pylint: disable=import-outside-toplevel
   from flax import traverse_util  # pylint: disable=import-outside-toplevel
-  trees, spec = _jax_trees(state_dict, how)
-  if path.endswith(SAFETENSORS):
+  trees, spec = _jax_trees(state_dict, how, done)
+  path = target.path
+  metadata = {"format": "flax", FORMAT_KEY: "flax", SPEC_KEY: spec}
+  if target.index is not None or path.endswith(SAFETENSORS):
     flat = {"/".join(map(_escape, p)): v for p, v in traverse_util.flatten_dict(trees).items()}
-    write_atomically(path, lambda tmp: interop.save_state_dict(flat, tmp, metadata={FORMAT_KEY: "flax",
-                                                                                     SPEC_KEY: spec}))
+    if target.index is not None:
+      write_sharded(flat, target, metadata, done)
+    else:
+      write_atomically(path, interop.io.file_writer(flat, path, metadata, done))
     return
   try:
     import orbax.checkpoint as ocp  # pylint: disable=import-outside-toplevel
@@ -427,7 +536,8 @@ def _finite(data: Any) -> Any:
 
 
 @_gc_paused()
-def _report(state_dict: dict, layout: str, how: FlaxLayout = FlaxLayout()) -> dict:
+def _report(state_dict: dict, layout: str, how: FlaxLayout = FlaxLayout(),
+            done: Optional[Callable[[Any], None]] = None) -> dict:
   """Per-tensor rows and totals of a torch-form state_dict, named as in ``layout``, in the checkpoint's order.
 
   Everything ``from_torch`` checks is checked (so a command that writes validates its whole output first), but
@@ -435,7 +545,7 @@ def _report(state_dict: dict, layout: str, how: FlaxLayout = FlaxLayout()) -> di
   Dtypes are torch's (int64 stays int64, though JAX holds it as int32 with x64 off).
   """
   import interop  # pylint: disable=import-outside-toplevel
-  spec, stats = interop.tensor_stats(state_dict, layout, module=how.module, rules=how.rules)
+  spec, stats = interop.tensor_stats(state_dict, layout, module=how.module, rules=how.rules, done=done)
   sep = "." if layout == "torch" else "/"
   rows = [{"name": sep.join(t.entry.path), "shape": list(t.entry.jax_shape()), "dtype": t.entry.dtype,
            "pruned": t.pruned, "size": t.size, "zeros": t.zeros, "sparsity": t.zeros / t.size if t.size else 0.0}
@@ -497,8 +607,8 @@ def _naming(path: str) -> Iterator[None]:
 def cmd_inspect(args, out: Output) -> None:
   with out.status(f"reading {args.path}"):
     loaded = read_checkpoint(args.path, args.key)
-    with _naming(args.path):
-      report = _report(loaded.state_dict, loaded.layout)
+    with _naming(args.path), _dropping(loaded) as done:
+      report = _report(loaded.state_dict, loaded.layout, done=done)
   out.emit({"path": args.path, **report},
            lambda: (_table(report, f"{args.path} ({loaded.layout} layout)"), _summary(report)))
 
@@ -514,6 +624,14 @@ def _amount(text: str) -> Union[int, float]:
   except ValueError as err:  # torch's message, e.g. "amount=1.5 should either be a float in the range [0, 1] ..."
     raise argparse.ArgumentTypeError(str(err)) from None
   return value
+
+
+def _shard_size(text: str) -> int:
+  from interop import shards  # pylint: disable=import-outside-toplevel
+  try:
+    return shards.parse_size(text)
+  except ValueError as err:
+    raise argparse.ArgumentTypeError(str(err)) from None
 
 
 def _regex(text: str) -> re.Pattern:
@@ -597,18 +715,48 @@ def _selector(include: Sequence[re.Pattern], exclude: Sequence[re.Pattern]):
   return pick
 
 
+def _prune_chosen(params: Any, masks: Any, chosen: list[str], args, kwargs: dict, out: Output,
+                  done: Callable[[Any], None]) -> Any:
+  """The masks after pruning the ``chosen`` leaves as the command line asks (``masks``: an earlier pruning,
+  continued as torch's PruningContainer does: amounts are relative); each leaf goes to ``done`` once pruned."""
+  import jax  # pylint: disable=import-outside-toplevel
+  import numpy as np  # pylint: disable=import-outside-toplevel
+  with out.progress("pruning", 1 if args.use_global else len(chosen)) as advance:
+    if args.use_global:
+      try:
+        masks = jaxprune.global_unstructured(params, kwargs["amount"], masks=masks,
+                                             where=lambda path, _: path in chosen)
+      except (ValueError, IndexError) as err:
+        raise _torch_named(err, chosen) from err
+      advance("global L1")
+      return masks
+    key = jax.random.key(args.seed) if args.method == "random" else None
+    leaves = {jaxprune.path_str(p): x for p, x in jax.tree_util.tree_flatten_with_path(params)[0]}
+    for path in chosen:  # one leaf at a time for the progress bar; the key still folds in the leaf's index
+      try:
+        masks = jaxprune.prune(params, METHODS[args.method], masks=masks, key=key,
+                               where=lambda p, _, path=path: p == path, **kwargs)
+      except (ValueError, IndexError) as err:
+        raise _torch_named(err, chosen, path) from err
+      jax.block_until_ready(masks)  # the leaf is read by then (JAX runs asynchronously), so its pages can go back
+      done(np.asarray(leaves[path]))  # a CPU array's own memory (no copy): the mapped file's, if JAX kept it
+      advance(path.replace("/", "."))
+  return masks
+
+
 def cmd_prune(args, out: Output) -> None:
   import interop  # pylint: disable=import-outside-toplevel
   import jax  # pylint: disable=import-outside-toplevel
   kwargs = _check_prune_args(args)
   use_compilation_cache(args.cache_dir, args.no_cache)
-  check_output_form(args.output, "torch")
-  check_target(args.output, args.force)
+  target = output_target(args.output, "torch", args.max_shard_size)
+  check_output(target, args.force)
   with out.status(f"reading {args.input}"):
     # Pruning happens in torch's layout, so --axis and --include mean what they mean to torch.
-    state_dict = read_checkpoint(args.input, args.key).state_dict
+    loaded = read_checkpoint(args.input, args.key)
     with _naming(args.input):
-      converted = interop.from_torch(state_dict, layout="torch")
+      # copy=False: JAX may use the mapped file's memory as it is (no one writes to it), one copy fewer
+      converted = interop.from_torch(loaded.state_dict, layout="torch", copy=False)
   pick = _selector(args.include, args.exclude)
   flat, _ = jax.tree_util.tree_flatten_with_path(converted.params)
   chosen = [path for path, leaf in ((jaxprune.path_str(p), x) for p, x in flat) if pick(path, leaf)]
@@ -616,30 +764,19 @@ def cmd_prune(args, out: Output) -> None:
     raise UserError(f"no tensor of {args.input} is selected for pruning (by default: floating tensors with 2 or more "
                     "dimensions; see --include/--exclude)")
   method = METHODS[args.method]
-  masks = converted.masks  # an earlier pruning is continued, as torch's PruningContainer does: amounts are relative
-  with out.progress("pruning", 1 if args.use_global else len(chosen)) as advance:
-    if args.use_global:
-      try:
-        masks = jaxprune.global_unstructured(converted.params, kwargs["amount"], masks=masks,
-                                             where=lambda path, _: path in chosen)
-      except (ValueError, IndexError) as err:
-        raise _torch_named(err, chosen) from err
-      advance("global L1")
-    else:
-      key = jax.random.key(args.seed) if args.method == "random" else None
-      for path in chosen:  # one leaf at a time for the progress bar; the key still folds in the leaf's index
-        try:
-          masks = jaxprune.prune(converted.params, method, masks=masks, key=key,
-                                 where=lambda p, _, path=path: p == path, **kwargs)
-        except (ValueError, IndexError) as err:
-          raise _torch_named(err, chosen, path) from err
-        advance(path.replace("/", "."))
-  state_dict = interop.to_torch(converted.params, masks, converted.buffers, converted.spec,
-                                permanent=args.permanent,
-                                tensors="numpy" if args.output.endswith(SAFETENSORS) else "torch")
-  report = _report(state_dict, "torch")
-  with out.status(f"writing {args.output}"):
-    write_torch(state_dict, args.output)
+  with _dropping(loaded) as done:
+    # Every tensor is now JAX's (a copy, or the mapped file's memory as it is): the input's pages are given back,
+    # and those JAX reads come back from the page cache when read, so about one tensor is resident at a time.
+    for value in loaded.state_dict.values():
+      done(value)
+    masks = _prune_chosen(converted.params, converted.masks, chosen, args, kwargs, out, done)
+    as_numpy = (target.index or target.path).removesuffix(".index.json").endswith(SAFETENSORS)
+    state_dict = interop.to_torch(converted.params, masks, converted.buffers, converted.spec,
+                                  permanent=args.permanent, copy=False, tensors="numpy" if as_numpy else "torch",
+                                  done=done)
+    report = _report(state_dict, "torch", done=done)
+    with out.status(f"writing {args.output}"):
+      write_torch(state_dict, target, done)
   described = ", ".join(f"{k}={v}" for k, v in kwargs.items())
   title = (f"{args.output}: {'global ' if args.use_global else ''}{method}({described}) on {len(chosen)} tensors"
            f"{', made permanent' if args.permanent else ''}")
@@ -705,11 +842,20 @@ def _layout_rules(path: Optional[str], state_dict: dict) -> tuple:
   return tuple(rules)
 
 
+def _is_input(path: str, target: Target) -> bool:
+  """Whether ``target`` is the checkpoint at ``path``: the same file, or the folder of a sharded one."""
+  here = os.path.abspath(path)
+  if target.index is None:
+    return here == os.path.abspath(target.path)
+  folder = os.path.dirname(os.path.abspath(target.index))
+  return folder in (here, os.path.dirname(here))
+
+
 def cmd_convert(args, out: Output) -> None:
-  if os.path.abspath(args.input) == os.path.abspath(args.output):
+  target = output_target(args.output, args.layout, args.max_shard_size)
+  if _is_input(args.input, target):
     raise UserError(f"{args.output} is the input itself; write the converted checkpoint elsewhere")
-  check_output_form(args.output, args.layout)
-  check_target(args.output, args.force)
+  check_output(target, args.force)
   if args.layout == "torch" and (args.module or args.layout_rules):
     raise UserError("--module and --layout-rules say how to write the Flax layout; they need --layout flax")
   if args.layout == "flax":  # only the JAX form needs JAX: torch -> torch runs on numpy and imports no JAX
@@ -718,14 +864,16 @@ def cmd_convert(args, out: Output) -> None:
   with out.status(f"reading {args.input}"):
     loaded = read_checkpoint(args.input, args.key)
   how = FlaxLayout(module, _layout_rules(args.layout_rules, loaded.state_dict))
-  with _naming(args.input):  # validates the whole checkpoint before anything is written
-    report = _report(loaded.state_dict, args.layout, how)
-  with out.status(f"writing {args.output}"):
-    if args.layout == "torch":
-      write_torch(loaded.state_dict, args.output)
-    else:
-      write_flax(loaded.state_dict, args.output, how)
-  kind = "Orbax directory" if os.path.isdir(args.output) else "file"
+  with _dropping(loaded) as done:  # a mapped input is given back tensor by tensor: counted, then written
+    with _naming(args.input):  # validates the whole checkpoint before anything is written
+      report = _report(loaded.state_dict, args.layout, how, done)
+    with out.status(f"writing {args.output}"):
+      if args.layout == "torch":
+        write_torch(loaded.state_dict, target, done)
+      else:
+        write_flax(loaded.state_dict, target, how, done)
+  kind = ("sharded checkpoint" if target.index is not None else
+          "Orbax directory" if os.path.isdir(args.output) else "file")
   out.emit({"input": args.input, "output": args.output, "from": loaded.layout, "to": args.layout, **report},
            lambda: [f"{args.input} ({loaded.layout} layout) -> {args.output} ({args.layout} layout, {kind}): "
                     f"{len(report['tensors'])} tensors, {report['pruned_tensors']} pruned, {report['buffers']} "
@@ -746,13 +894,18 @@ def build_parser() -> argparse.ArgumentParser:
                       "else $JAX_COMPILATION_CACHE_DIR, else $XDG_CACHE_HOME/jaxprune/xla or ~/.cache/jaxprune/xla); "
                       "a second run of the same command compiles nothing")
   cached.add_argument("--no-cache", action="store_true", help="compile without the persistent cache")
+  cached.add_argument("--max-shard-size", type=_shard_size, metavar="SIZE", help="write OUT sharded (a folder, "
+                      "or FOLDER/NAME.safetensors.index.json or NAME.bin.index.json) in shards of at most SIZE: "
+                      "bytes or 5GB, 500MB, 2GiB (default for a sharded OUT: 5GB, as Hugging Face)")
   parser = _Parser(prog="jaxprune", description="Prune, inspect and convert torch and JAX checkpoints with "
                    "jaxprune's engine (torch.nn.utils.prune semantics).")
   sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
   p = sub.add_parser("inspect", parents=[common], help="per-tensor sparsity of a checkpoint",
                      description="Per-tensor shape, dtype, pruning (_orig/_mask) and zeros of a torch .pt/.pth/.bin, "
-                     "a .safetensors file or a jaxprune Orbax directory, and the global sparsity.")
+                     "a .safetensors file, a sharded checkpoint (its *.index.json or the folder holding it) or a jaxprune Orbax "
+                     "directory, and the global sparsity. Reads with numpy over a memory map, one tensor at a time; "
+                     "imports no JAX.")
   p.add_argument("path")
   p.set_defaults(run=cmd_inspect)
 
@@ -761,7 +914,8 @@ def build_parser() -> argparse.ArgumentParser:
                      "in the input is continued: amounts count the entries still alive). By default every floating "
                      "tensor with 2+ dimensions (weights, not biases) is pruned, each on its own.")
   p.add_argument("input", metavar="IN")
-  p.add_argument("-o", "--output", metavar="OUT", required=True, help=".pt/.pth/.bin (torch.save) or .safetensors")
+  p.add_argument("-o", "--output", metavar="OUT", required=True, help=".pt/.pth/.bin (torch.save) or .safetensors; "
+                 "a folder or NAME.safetensors.index.json / NAME.bin.index.json: sharded")
   p.add_argument("--method", choices=sorted(METHODS), required=True,
                  help="l1: smallest magnitudes; random; ln: whole channels by Ln norm; nm: N:M (e.g. 2:4)")
   p.add_argument("--amount", type=_amount, help="fraction (0.5) or count (100) to prune per tensor, or overall "

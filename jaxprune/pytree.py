@@ -319,8 +319,9 @@ def _global(scores: tuple, live: tuple, amount, dtype) -> tuple[list, jax.Array]
     total = sum((jnp.asarray(_methods.live_count(m, s.size), jnp.int64) for m, s in zip(live, scores)),
                 jnp.zeros((), jnp.int64))
     k = num_to_prune(from_argument(amount), total)
-  pruned = selection.smallest_magnitudes([s.astype(dtype) if s.dtype != dtype else s for s in scores], k, live)
-  return [~p if m is None else m & ~p for m, p in zip(live, pruned)], total
+  kept = selection.smallest_magnitudes([s.astype(dtype) if s.dtype != dtype else s for s in scores], k, live,
+                                      complement=True)
+  return kept, total
 
 
 def _on_host(arrays) -> bool:

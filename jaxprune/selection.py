@@ -106,7 +106,7 @@ def sortable_keys(scores: jax.Array, dtype=None, magnitude: bool = False) -> jax
 
 
 def smallest(keys: Sequence[jax.Array], k, candidates: Optional[Sequence[Optional[jax.Array]]] = None,
-             segments: Optional[Sequence[int]] = None) -> list[jax.Array]:
+             segments: Optional[Sequence[int]] = None, complement: bool = False) -> list[jax.Array]:
   """Boolean arrays marking exactly the ``k`` smallest keys among the candidates (of each segment).
 
   Args:
@@ -116,56 +116,51 @@ def smallest(keys: Sequence[jax.Array], k, candidates: Optional[Sequence[Optiona
     candidates: per array, a bool array of its shape (True = may be selected) or None (all may).
     segments: per array, the index of the segment it is ranked in (default: all in segment 0). Positions, and
       so ties, run through the arrays in the order given, whatever their segments.
+    complement: mark the candidates that are *not* selected instead (what a mask keeps), at no extra cost.
 
   Returns:
-    For each array, a bool array of its shape, True at the selected entries.
+    For each array, a bool array of its shape, True at the selected entries (or at the candidates left).
   """
-  return _select(keys, k, candidates, segments, None)
+  return _select(keys, k, candidates, segments, None, complement)
 
 
 def smallest_magnitudes(scores: Sequence[jax.Array], k, candidates: Optional[Sequence[Optional[jax.Array]]] = None,
-                        segments: Optional[Sequence[int]] = None) -> list[jax.Array]:
+                        segments: Optional[Sequence[int]] = None, complement: bool = False) -> list[jax.Array]:
   """:func:`smallest` of the keys of ``|scores|``, ranked together in their common :func:`score_dtype`.
 
   The keys are formed once the scores are laid end to end, so the program holds one key computation, not one
   per array.
   """
-  return _select(scores, k, candidates, segments, str(score_dtype([jnp.result_type(s) for s in scores])))
+  return _select(scores, k, candidates, segments, str(score_dtype([jnp.result_type(s) for s in scores])), complement)
 
 
-def _places(sizes: Sequence[int], segments: Sequence[int]) -> list[np.ndarray]:
-  """Per array, ``int64[2]``: its segment and its first position."""
-  starts = np.cumsum([0] + [int(n) for n in sizes[:-1]], dtype=np.int64)
-  return [np.array([s, start], np.int64) for s, start in zip(segments, starts)]
+def _opaque(constants: Sequence[int], like: jax.Array) -> list[jax.Array]:
+  """int64 scalars equal to ``constants`` that XLA cannot fold: one sort keyed on the traced ``like`` returns them.
 
-
-def _opaque(constants: list[np.ndarray], like: jax.Array) -> list[jax.Array]:
-  """``constants`` as values XLA cannot fold: one sort keyed on the traced scalar ``like`` returns them unchanged.
-
-  Each array's mask compares its positions against the tie cut of its segment, so it needs its own place. XLA:CPU
-  compiles one kernel per distinct fused computation, about 20 ms each: a place folded in as a constant makes
-  every array's compare distinct, whereas traced places let the arrays of one shape share one kernel, so a model
-  with hundreds of leaves but a handful of shapes compiles about as fast as a small one. A sort is not fused into
-  its consumers and cannot be folded with a traced key; both rows of every operand are equal, so whatever order
-  it picks, row 0 is the constant.
+  The masks are formed on the buffer of all arrays end to end and cut back into arrays by dynamic slices. XLA:CPU
+  compiles one kernel per distinct fused computation, about 20 ms each, and a slice at a constant offset is
+  distinct for every array; at a traced offset the arrays of one shape share one kernel, so a model with
+  hundreds of leaves but a handful of shapes compiles about as fast as a small one. A sort is not fused into its
+  consumers and cannot be folded with a traced key; both rows of every operand are equal, so whatever order it
+  picks, row 0 is the constant.
   """
-  rows = [np.stack([c, c]) for c in constants]
-  keys = jnp.broadcast_to(like, rows[0].shape)
+  rows = [jnp.full((2,), c, jnp.int64) for c in constants]  # broadcasts of literals: custom_partitioning takes no consts
+  keys = jnp.broadcast_to(like, (2,))
   return [r[0] for r in lax.sort((keys, *rows), num_keys=1, is_stable=False)[1:]]
 
 
-def _select(values, k, candidates, segments, magnitudes_of: Optional[str]) -> list[jax.Array]:
+def _select(values, k, candidates, segments, magnitudes_of: Optional[str], complement: bool) -> list[jax.Array]:
   values = tuple(jnp.asarray(v) for v in values)
   candidates = (None,) * len(values) if candidates is None else tuple(candidates)
   segments = (0,) * len(values) if segments is None else tuple(int(s) for s in segments)
   if not values or sum(v.size for v in values) == 0:
-    return [jnp.zeros(v.shape, bool) for v in values]
+    return [jnp.full(v.shape, complement) if c is None else c & complement for v, c in zip(values, candidates)]
   num_segments = max(segments) + 1
   with jax.enable_x64(True):
     k = jnp.reshape(jnp.asarray(k, jnp.int64), (-1,))
   if k.shape[0] != num_segments:
     raise ValueError(f"expected one count per segment ({num_segments}), got {k.shape[0]}")
-  return _smallest(values, k, candidates, segments, magnitudes_of)
+  return _smallest(values, k, candidates, segments, magnitudes_of, complement)
 
 
 def _keys_of(values: jax.Array, magnitudes_of: Optional[str]) -> jax.Array:
@@ -187,9 +182,9 @@ def _ordered_like_keys(values: jax.Array, threshold: jax.Array, magnitudes_of: O
   return jnp.minimum(_float_bits(values, dtype) & unsigned, nan), jnp.minimum(threshold & unsigned, nan)
 
 
-@functools.partial(jax.jit, static_argnames=("segments", "magnitudes_of"))
+@functools.partial(jax.jit, static_argnames=("segments", "magnitudes_of", "complement"))
 def _smallest(values: tuple[jax.Array, ...], k: jax.Array, candidates: tuple[Optional[jax.Array], ...],
-              segments: tuple[int, ...], magnitudes_of: Optional[str]) -> list[jax.Array]:
+              segments: tuple[int, ...], magnitudes_of: Optional[str], complement: bool) -> list[jax.Array]:
   # Jitted so that an eager call compiles once per structure, and a new amount (a traced k) never recompiles.
   with jax.enable_x64(True):
     k = k.astype(jnp.int64)
@@ -197,32 +192,21 @@ def _smallest(values: tuple[jax.Array, ...], k: jax.Array, candidates: tuple[Opt
     has_cands = tuple(c is not None for c in candidates)
     threshold, below, ties = _run_op("keys", segments, magnitudes_of, has_cands, k, *values, *cands)
     take = k - below  # per segment, how many entries equal to the threshold are selected
-    total = sum(v.size for v in values)
-    pos_dtype = _position_dtype(total)
+    pos_dtype = _position_dtype(sum(v.size for v in values))
 
     def lowest_tied_cutoff(_):
       # The `take` lowest positions among the tied entries are themselves a k-smallest selection.
       cutoff = _run_op("positions", segments, magnitudes_of, has_cands, take, threshold, *values, *cands)
       return cutoff + np.array(1, pos_dtype)
 
-    def no_cutoff(_):
-      return jnp.where(take > 0, np.array(total, pos_dtype), np.array(0, pos_dtype))
+    def no_cutoff(_):  # every tied entry is selected, or none
+      return jnp.where(take > 0, _sentinel(pos_dtype), np.array(0, pos_dtype))
 
     straddles = (take != ties) & (take > 0)
     cutoff = lax.cond(jnp.any(straddles), lowest_tied_cutoff, no_cutoff, None)
-    cutoff = jnp.where(straddles, cutoff, no_cutoff(None)).astype(jnp.int64)
-    places = _opaque(_places([v.size for v in values], segments), threshold[0])
-  out = []
-  for value, c, place in zip(values, candidates, places):
-    index_dtype = jnp.int32 if value.size < np.iinfo(np.int32).max else jnp.int64
-    with jax.enable_x64(True):
-      key, thr = _ordered_like_keys(value, threshold[place[0]], magnitudes_of)
-      local = jnp.clip(cutoff[place[0]] - place[1], 0, value.size)  # how many of its own leading positions the cut covers
-    with jax.enable_x64(index_dtype == jnp.int64):
-      index = _positions(value.shape, 0, index_dtype)
-      chosen = (key < thr) | ((key == thr) & (index < local.astype(index_dtype)))
-    out.append(chosen if c is None else chosen & c)
-  return out
+    cutoff = jnp.where(straddles, cutoff, no_cutoff(None))
+    mode = "kept" if complement else "selected"
+    return list(_run_op(mode, segments, magnitudes_of, has_cands, threshold, cutoff, *values, *cands))
 
 
 def _sentinel(udtype) -> np.ndarray:
@@ -255,61 +239,92 @@ def _digit_bits(num_segments: int) -> int:
 
 @functools.cache
 def _select_op(mode: str, segments: tuple[int, ...], magnitudes_of: Optional[str], has_cands: tuple[bool, ...]):
-  """The radix selection as one custom-partitioned op.
+  """The radix selection, and the masks it gives, as custom-partitioned ops.
 
   ``op(k, *values, *candidates)`` gives, per segment, the k-th smallest key, how many keys lie below it and how
   many equal it (``mode="keys"``); ``op(k, tied_at, *values, *candidates)`` gives the k-th smallest position among
-  the keys equal to ``tied_at`` (``mode="positions"``). Values are keys, or scores whose magnitude keys are formed
-  after the values are laid end to end (``magnitudes_of``, their common dtype).
+  the keys equal to ``tied_at`` (``mode="positions"``); ``op(threshold, cutoff, *values, *candidates)`` gives, per
+  array, the candidates below the threshold or tied at it before the position cutoff (``mode="selected"``), or
+  the other candidates (``mode="kept"``). Values are keys, or scores whose magnitude keys are formed after the
+  values are laid end to end (``magnitudes_of``, their common dtype).
   """
   scalars = 1 if mode == "keys" else 2
+  masks = mode in ("selected", "kept")
   count = len(segments)
   num_segments = max(segments) + 1
 
-  def run(k, operands, starts=None, full_shapes=None, owned=None, reduce=lambda h: h):
+  def run(first, operands, starts=None, full_shapes=None, owned=None, reduce=lambda h: h):
     with jax.enable_x64(True):
-      tied_at = operands[0] if mode == "positions" else None
-      values = [v.reshape(1) if v.ndim == 0 else v for v in operands[scalars - 1:][:count]]
+      second = operands[0] if scalars == 2 else None
+      arrays = operands[scalars - 1:][:count]
+      values = [v.reshape(1) if v.ndim == 0 else v for v in arrays]
       cands = iter(operands[scalars - 1 + count:])
       concat = lambda parts: jnp.concatenate(parts) if len(parts) > 1 else parts[0]
-      keys = _keys_of(concat([v.ravel() for v in values]), magnitudes_of)
-      sentinel = _sentinel(keys.dtype)
+      flat = concat([v.ravel() for v in values])
+      live = None
       if any(has_cands):
         live = concat([next(cands).ravel() if has else jnp.ones(v.size, bool) for v, has in zip(values, has_cands)])
-        keys = jnp.where(live, keys, sentinel)
-      if owned is not None:  # a replica that another device already counts
-        keys = jnp.where(concat([jnp.full(v.size, o) for v, o in zip(values, owned)]), keys, sentinel)
       shapes = full_shapes or [v.shape for v in values]
       offsets = np.cumsum([0] + [int(np.prod(s, dtype=np.int64)) for s in shapes])
+      pos_dtype = _position_dtype(int(offsets[-1]))
       segment_of = None
       if num_segments > 1:
         small = np.uint8 if num_segments <= 256 else np.int32
         segment_of = concat([jnp.full(v.size, s, small) for v, s in zip(values, segments)])
-      if tied_at is not None:
-        pos_dtype = _position_dtype(int(offsets[-1]))
-        if starts is None:  # laid end to end, an entry's position is its index in the buffer
-          pos = lax.iota(pos_dtype, keys.size)
-        else:
-          pos = concat([_positions(v.shape, off, pos_dtype, st, full).ravel()
-                        for v, off, st, full in zip(values, offsets, starts, shapes)])
-        own = tied_at[0] if segment_of is None else tied_at[segment_of]
-        keys = jnp.where(keys == own, pos, _sentinel(pos_dtype))
-      return _radix_select(keys, segment_of, num_segments, k, reduce, int(offsets[-1]), positions=tied_at is not None)
+      own = lambda per_segment: per_segment[0] if segment_of is None else per_segment[segment_of]  # noqa: E731
 
-  op = custom_partitioning(lambda k, *operands: run(k, operands))
+      def positions():
+        if starts is None:  # laid end to end, an entry's position is its index in the buffer
+          return lax.iota(pos_dtype, flat.size)
+        return concat([_positions(v.shape, off, pos_dtype, st, full).ravel()
+                       for v, off, st, full in zip(values, offsets, starts, shapes)])
+
+      if masks:
+        def compare(cut_ties: bool, flat, live, threshold, cutoff):
+          keys, threshold = _ordered_like_keys(flat, threshold, magnitudes_of)
+          tied = (keys == own(threshold)) & (positions() < own(cutoff) if cut_ties else own(cutoff > 0))
+          chosen = (keys < own(threshold)) | tied
+          chosen = ~chosen if mode == "kept" else chosen
+          return chosen if live is None else chosen & live
+
+        # Under a cond the buffer is formed once and the dynamic slices are plain copies; fused into each of them,
+        # the compare would be compiled once per array. Positions are formed only when a tie is cut.
+        cut = jnp.any((second > 0) & (second < _sentinel(second.dtype)))
+        chosen = lax.cond(cut, functools.partial(compare, True), functools.partial(compare, False),
+                          flat, live, first, second)
+        return _split(chosen, [a.shape for a in arrays], like=first[0])
+      keys = _keys_of(flat, magnitudes_of)
+      sentinel = _sentinel(keys.dtype)
+      if live is not None:
+        keys = jnp.where(live, keys, sentinel)
+      if owned is not None:  # a replica that another device already counts
+        keys = jnp.where(concat([jnp.full(v.size, o) for v, o in zip(values, owned)]), keys, sentinel)
+      if mode == "positions":
+        keys = jnp.where(keys == own(second), positions(), _sentinel(pos_dtype))
+      return _radix_select(keys, segment_of, num_segments, first, reduce, int(offsets[-1]),
+                           positions=mode == "positions")
+
+  op = custom_partitioning(lambda first, *operands: run(first, operands))
+
+  def value_shardings(mesh, arg_shapes):
+    return [NamedSharding(mesh, arg.sharding.spec) for arg in arg_shapes[scalars:scalars + count]]
 
   def infer(mesh, arg_shapes, result_shape):
+    if masks:  # each mask shards like its array
+      return value_shardings(mesh, arg_shapes)
     return jax.tree.map(lambda _: NamedSharding(mesh, PartitionSpec()), result_shape)
 
   def partition(mesh, arg_shapes, result_shape):
-    shardings = [arg.sharding for arg in arg_shapes]
-    arg_shardings = tuple(NamedSharding(mesh, PartitionSpec()) for _ in range(scalars)) + tuple(
-        NamedSharding(mesh, s.spec) for s in shardings[scalars:])
-    specs = [s.spec for s in arg_shardings[scalars:scalars + count]]
+    of_values = value_shardings(mesh, arg_shapes)
+    of_cands = [NamedSharding(mesh, arg.sharding.spec) for arg in arg_shapes[scalars + count:]]
+    if masks:  # a candidate mask is cut like its array, so that both shards cover the same entries
+      of_cands = [v for v, has in zip(of_values, has_cands) if has]
+    arg_shardings = (NamedSharding(mesh, PartitionSpec()),) * scalars + tuple(of_values) + tuple(of_cands)
+    specs = [s.spec for s in of_values]
     full_shapes = [arg.shape for arg in arg_shapes[scalars:scalars + count]]
     axes = tuple(mesh.axis_names)
 
-    def lower(k, *operands):
+    def lower(first, *operands):
       starts, owned = [], []
       with jax.enable_x64(True):
         for spec, local in zip(specs, operands[scalars - 1:][:count]):
@@ -319,31 +334,46 @@ def _select_op(mode: str, segments: tuple[int, ...], magnitudes_of: Optional[str
           owned.append(functools.reduce(jnp.logical_and, [lax.axis_index(name) == 0 for name in axes
                                                           if not any(name in names for names in used)],
                                         jnp.ones((), bool)))
-      return run(k, operands, starts=starts, full_shapes=full_shapes, owned=owned,
+      return run(first, operands, starts=starts, full_shapes=full_shapes, owned=None if masks else owned,
                  reduce=lambda h: lax.psum(h, axes))
 
     return mesh, lower, infer(mesh, arg_shapes, result_shape), arg_shardings
 
   def rule(mesh, arg_shapes, result_shape):
-    # Every dimension its own factor: nothing relates the operands' shardings to each other or to the results.
+    # The radix passes: every dimension its own factor, nothing relates the operands' shardings to each other or
+    # to the results. The masks: each shares its array's factors, and so does its candidate mask.
     factors = (f"f{i}" for i in itertools.count())
     dims = [" ".join(next(factors) for _ in arg.shape) for arg in arg_shapes]
-    return ", ".join(dims) + " -> " + ", ".join(next(factors) for _ in jax.tree.leaves(result_shape))
+    if not masks:
+      return ", ".join(dims) + " -> " + ", ".join(next(factors) for _ in jax.tree.leaves(result_shape))
+    of_values = dims[scalars:scalars + count]
+    of_cands = [d for d, has in zip(of_values, has_cands) if has]
+    return ", ".join(dims[:scalars + count] + of_cands) + " -> " + ", ".join(of_values)
 
   op.def_partition(infer_sharding_from_operands=infer, partition=partition, sharding_rule=rule)
 
   # custom_partitioning has no batching rule: under vmap (per-layer pruning of stacked layers, say) each batch
   # element runs the same selection unpartitioned, which jnp batches.
-  plain = lambda k, *operands: run(k, operands)  # noqa: E731
-  batchable = jax.custom_batching.custom_vmap(lambda k, *operands: op(k, *operands))
+  plain = lambda first, *operands: run(first, operands)  # noqa: E731
+  batchable = jax.custom_batching.custom_vmap(lambda first, *operands: op(first, *operands))
 
   @batchable.def_vmap
-  def _(axis_size, in_batched, k, *operands):
+  def _(axis_size, in_batched, first, *operands):
     del axis_size
-    out = jax.vmap(plain, in_axes=tuple(0 if b else None for b in in_batched))(k, *operands)
+    out = jax.vmap(plain, in_axes=tuple(0 if b else None for b in in_batched))(first, *operands)
     return out, jax.tree.map(lambda _: True, out)
 
   return batchable
+
+
+def _split(flat: jax.Array, shapes: Sequence[tuple[int, ...]], like: jax.Array) -> list[jax.Array]:
+  """``flat`` cut back into arrays of ``shapes``, laid end to end, at offsets XLA cannot fold (see _opaque)."""
+  if len(shapes) == 1:
+    return [flat.reshape(shapes[0])]
+  sizes = [int(np.prod(s, dtype=np.int64)) for s in shapes]
+  starts = _opaque(np.cumsum([0] + sizes[:-1]).tolist(), like)
+  return [lax.dynamic_slice(flat, (start,), (n,), allow_negative_indices=False).reshape(shape)
+          for start, n, shape in zip(starts, sizes, shapes)]
 
 
 def _run_op(mode: str, segments, magnitudes_of, has_cands, *args):
@@ -351,7 +381,10 @@ def _run_op(mode: str, segments, magnitudes_of, has_cands, *args):
   mesh = jax.sharding.get_abstract_mesh()
   if not mesh.empty and mesh.explicit_axes:
     # The op is partitioned from its operands' shardings, which explicit axes would pin in its traced body.
-    outputs = PartitionSpec() if mode == "positions" else (PartitionSpec(),) * 3
+    if mode in ("selected", "kept"):
+      outputs = [jax.typeof(v).sharding.spec for v in args[2:2 + len(segments)]]
+    else:
+      outputs = PartitionSpec() if mode == "positions" else (PartitionSpec(),) * 3
     op = jax.sharding.auto_axes(op, axes=mesh.explicit_axes, out_sharding=outputs)
   return op(*args)
 

@@ -23,13 +23,14 @@ HEAVY = ("jax", "jaxlib", "flax", "optax", "orbax")
 
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
-  """A torch-pruned MLP as ``net.pt`` and ``net.safetensors``."""
+  """A torch-pruned MLP as ``net.pt``, ``net.safetensors`` and safetensors shards in ``shards/``."""
   d = tmp_path_factory.mktemp("startup")
   torch.manual_seed(0)
   net = nn.Sequential(nn.Linear(32, 16), nn.ReLU(), nn.Linear(16, 4))
   prune.l1_unstructured(net[0], "weight", 0.5)
   torch.save(net.state_dict(), d / "net.pt")
   interop.save_state_dict(net.state_dict(), d / "net.safetensors")
+  interop.save_state_dict(net.state_dict(), d / "shards", max_shard_size="1KB")
   return d
 
 
@@ -40,7 +41,7 @@ def _python(script: str, **env) -> str:
   return proc.stdout
 
 
-@pytest.mark.parametrize("name", ["net.safetensors", "net.pt"])
+@pytest.mark.parametrize("name", ["net.safetensors", "net.pt", "shards"])
 def test_inspect_imports_no_jax(files, name):
   out = _python(f"""
 import contextlib, io, json, sys

@@ -48,6 +48,7 @@ def _suites(args) -> dict[str, tuple[str, Callable[[Any], dict], str]]:
           10**5 if args.quick else 10**6, args.repeats, llama7b=not args.quick), "format_table"),
       "inspect": ("benchmarks.bench_inspect", lambda m: m.run(n_tensors=args.inspect_tensors), "format_table"),
       "sparse": ("benchmarks.bench_sparse", lambda m: m.run(n_params=parse_size(args.sparse_params)), "format_table"),
+      "cli": ("benchmarks.bench_cli", lambda m: m.run(2**26 if args.quick else 2**30), "format_table"),
   }
 
 

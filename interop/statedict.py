@@ -624,7 +624,7 @@ def _fold(orig: Any, mask: Any) -> Any:
   if devices.is_torch_tensor(orig):
     torch = sys.modules["torch"]
     with torch.no_grad():
-      return mask.to(dtype=orig.dtype) * orig.detach()
+      return mask.to(dtype=orig.dtype, copy=True).mul_(orig.detach())  # mask * orig, into the cast mask
   out = np.asarray(mask).astype(orig.dtype)
   return np.multiply(out, orig, out=out)  # into the cast mask: one new array per tensor, not two
 

@@ -45,10 +45,7 @@ def _fails(capsys, *argv) -> str:
 
 
 def _same(a: dict, b: dict) -> None:
-  assert list(a) == list(b)
-  for k in a:
-    x, y = np.asarray(a[k]), np.asarray(b[k])
-    assert x.dtype == y.dtype and x.shape == y.shape and x.tobytes() == y.tobytes(), k
+  assert interop.diff_state_dicts(a, b) == []  # keys, order, dtypes, shapes and bits
 
 
 @pytest.mark.parametrize("path", ["st", "st/model.safetensors.index.json", "pt", "pt/pytorch_model.bin.index.json"])

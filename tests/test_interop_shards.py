@@ -7,6 +7,7 @@ import pickle
 import numpy as np
 import pytest
 import torch
+from torch.nn.utils import prune
 
 import interop
 from interop import io, shards
@@ -192,3 +193,17 @@ def test_hugging_face_reads_what_interop_writes_and_the_reverse(tmp_path):
   tokens = torch.arange(12).reshape(2, 6)
   with torch.no_grad():
     assert torch.equal(loaded(tokens).logits, model(tokens).logits)
+
+
+def test_from_torch_and_load_pruned_take_a_sharded_checkpoint(tmp_path):
+  net = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Linear(8, 2))
+  prune.l1_unstructured(net[0], "weight", 0.5)
+  interop.save_state_dict(net.state_dict(), tmp_path / "one.safetensors")
+  interop.save_state_dict(net.state_dict(), tmp_path / "sharded", max_shard_size=200)
+  assert len(os.listdir(tmp_path / "sharded")) > 2
+  whole, sharded = (interop.from_torch(str(tmp_path / p), layout="flax") for p in ("one.safetensors", "sharded"))
+  assert sharded.spec == whole.spec
+  _same(interop.to_torch(*sharded, tensors="numpy"), interop.to_torch(*whole, tensors="numpy"))
+  fresh = interop.load_pruned(torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Linear(8, 2)),
+                              str(tmp_path / "sharded"))
+  assert torch.equal(fresh[0].weight, net[0].weight)

@@ -267,12 +267,12 @@ def check_sharded_target(target: Target, force: bool) -> None:
   sharded checkpoint and nothing more."""
   from interop import shards  # pylint: disable=import-outside-toplevel
   folder = os.path.dirname(os.path.abspath(target.index))
-  if os.path.lexists(folder) and not (os.path.isdir(folder) and not os.listdir(folder)) and not force:
-    raise UserError(f"{folder} exists; pass --force to replace the sharded checkpoint in it")
   try:
-    shards.check_folder(target.index)
+    shards.check_folder(target.index)  # a folder with other files in it is refused, --force or not
   except ValueError as err:
     raise UserError(str(err)) from None
+  if os.path.lexists(folder) and os.listdir(folder) and not force:
+    raise UserError(f"{folder} holds a sharded checkpoint; pass --force to replace it")
   if not os.path.isdir(os.path.dirname(folder)):
     raise UserError(f"{target.path}: the folder {os.path.dirname(folder)} does not exist")
 

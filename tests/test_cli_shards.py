@@ -92,12 +92,14 @@ def test_a_sharded_output_replaces_only_a_sharded_checkpoint(capsys, ckpts, tmp_
   out = tmp_path / "out"
   argv = ["--method", "l1", "--amount", "0.5"]
   _json(capsys, "prune", ckpts / "st", "-o", out, *argv)
-  assert "exists; pass --force" in _fails(capsys, "prune", ckpts / "st", "-o", out, *argv)
+  assert "holds a sharded checkpoint; pass --force" in _fails(capsys, "prune", ckpts / "st", "-o", out, *argv)
   _json(capsys, "prune", ckpts / "st", "-o", out, "--force", "--max-shard-size", "2KB", *argv)
   assert sorted(os.listdir(tmp_path)) == ["out"]  # swapped in whole, nothing left beside it
   (out / "config.json").write_text("{}")
   before = sorted(os.listdir(out))
-  assert "config.json" in _fails(capsys, "prune", ckpts / "st", "-o", out, "--force", *argv)
+  for force in ([], ["--force"]):
+    assert "holds files that are not part of a sharded checkpoint (config.json)" in _fails(
+        capsys, "prune", ckpts / "st", "-o", out, *force, *argv)
   assert sorted(os.listdir(out)) == before
 
 

@@ -3,7 +3,6 @@ read one file, and write sharded outputs (--max-shard-size) whole, with the same
 import json
 import os
 
-import numpy as np
 import pytest
 import torch
 from torch import nn

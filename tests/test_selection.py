@@ -79,8 +79,42 @@ def _histogram_passes(n_leaves: int) -> int:
 
 def test_the_program_holds_the_same_histograms_for_3_or_60_leaves():
   """Leaves are laid end to end: the histogram passes do not repeat per leaf, so the program's size grows only
-  by the copy in and the compare out of each leaf."""
+  by the copy in and the copy out of each leaf."""
   assert _histogram_passes(3) == _histogram_passes(60) > 0
+
+
+def _computations(text: str) -> list[str]:
+  """The bodies of an HLO module's computations, with names and metadata cut, so that equal programs compare equal."""
+  bodies = re.findall(r"\n%\S+ \([^\n]*\{\n(.*?)\n\}", text, flags=re.S)
+  return [re.sub(r"%[\w.-]+|, metadata=\{[^}]*\}", "", body) for body in bodies]
+
+
+@pytest.mark.parametrize("method", ["global", "local"])
+def test_leaves_of_one_shape_share_one_compiled_kernel(method):
+  """XLA:CPU compiles a kernel per distinct fused computation: a per-leaf constant (an offset, a segment) in the
+  copy out would make one per leaf, and compile time grow with the leaf count."""
+  params = {f"w{i:02d}": jnp.ones((8, 4), jnp.float32) for i in range(40)}
+  prune = (lambda p: jaxprune.global_unstructured(p, 0.5)) if method == "global" else (
+      lambda p: jaxprune.prune(p, "l1_unstructured", amount=0.5))
+  copies_out = [b for b in _computations(jax.jit(prune).lower(params).compile().as_text())
+                if re.search(r"ROOT\s*= pred\[8,4\]", b)]
+  assert len(copies_out) >= 40 and len(set(copies_out)) == 1
+
+
+@settings(max_examples=15)
+@given(sizes=st.lists(SIZES, min_size=1, max_size=20), data=st.data())
+def test_complement_marks_the_candidates_left(sizes, data):
+  keys = [np.asarray(data.draw(st.lists(st.integers(0, 3), min_size=n, max_size=n)), np.uint32) for n in sizes]
+  live = [np.asarray(data.draw(st.lists(st.booleans(), min_size=n, max_size=n)), bool) for n in sizes]
+  segments = [data.draw(st.integers(0, 2)) for _ in sizes]
+  used = sorted(set(segments))
+  segments = [used.index(s) for s in segments]
+  ks = [data.draw(st.integers(0, sum(int(m.sum()) for m, s in zip(live, segments) if s == seg)))
+        for seg in range(len(used))]
+  args = ([jnp.asarray(x) for x in keys], ks, [jnp.asarray(m) for m in live], segments)
+  picked, kept = selection.smallest(*args), selection.smallest(*args, complement=True)
+  for p, c, m in zip(picked, kept, live):
+    np.testing.assert_array_equal(np.asarray(c), m & ~np.asarray(p))
 
 
 def test_local_prune_of_a_model_is_one_selection():

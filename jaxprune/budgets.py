@@ -27,7 +27,8 @@ import numpy as np
 
 from jaxprune import methods as _methods
 from jaxprune.amounts import Amount, num_to_prune, validate_amount
-from jaxprune.pytree import UNMASKED, Where, is_masked, path_str, selector
+from jaxprune.pytree import Where, is_masked, path_str, selector
+from jaxprune.pytree import prune as _prune
 
 PyTree = Any
 Overrides = Optional[Mapping[str, float]]
@@ -163,23 +164,20 @@ def prune_to(params: PyTree, budget: PyTree, method: Union[str, Callable] = "l1_
   flat, treedef = jax.tree_util.tree_flatten_with_path(params)
   flat_budget = treedef.flatten_up_to(budget)
   flat_masks = [None] * len(flat) if masks is None else treedef.flatten_up_to(masks)
-  flat_scores = [None] * len(flat) if importance_scores is None else treedef.flatten_up_to(importance_scores)
-  out = []
-  for i, ((path, x), s, old, score) in enumerate(zip(flat, flat_budget, flat_masks, flat_scores)):
-    old = old if old is not None and is_masked(old, x) else None
+  amounts = []
+  for (path, x), s, old in zip(flat, flat_budget, flat_masks):
     if s is None:
-      out.append(UNMASKED if old is None else old)
+      amounts.append(None)
       continue
+    old = old if old is not None and is_masked(old, x) else None
+    already = 0 if old is None else int(np.size(x)) - jnp.sum(jnp.asarray(old), dtype=jnp.int32)
     try:
-      already = 0 if old is None else int(np.size(x)) - jnp.sum(old, dtype=jnp.int32)
-      k = jnp.maximum(num_to_prune(s, int(np.size(x))) - already, 0)
-      if name == "random_unstructured":
-        out.append(_methods.random_unstructured(jax.random.fold_in(key, i), x, k, mask=old))
-      else:
-        out.append(_methods.l1_unstructured(x, k, mask=old, importance_scores=score))
+      amounts.append(jnp.maximum(num_to_prune(s, int(np.size(x))) - already, 0))
     except (ValueError, TypeError) as err:
       raise type(err)(f"{path_str(path)}: {err}") from err
-  return jax.tree.unflatten(treedef, out)
+  # Every budgeted leaf in one selection (a segment each), as jaxprune.prune ranks a model.
+  return _prune(params, name, masks=masks, key=key, importance_scores=importance_scores,
+                where=lambda path, leaf: True, amount=jax.tree.unflatten(treedef, amounts))
 
 
 __all__ = ["uniform", "erk", "counts", "prune_to"]

@@ -31,6 +31,7 @@ from jaxprune.pytree import Where, global_unstructured, is_masked, path_str, pru
 from jaxprune.schedules import ScheduleLike, as_schedule
 
 PyTree = Any
+Budget = Callable[[PyTree, jax.Array], PyTree]  # (params, overall sparsity) -> a sparsity per leaf (jaxprune.budgets)
 
 _UNSTRUCTURED = ("l1_unstructured", "random_unstructured")
 _STRUCTURED = ("ln_structured", "random_structured")
@@ -85,8 +86,9 @@ def _new_count(sparsity: jax.Array, total: int, live: jax.Array) -> jax.Array:
 
 
 def _prune(name: str, params: PyTree, masks: PyTree, sparsity: jax.Array, key: Optional[jax.Array],
-           kwargs: dict) -> PyTree:
-  """The masks after pruning every masked leaf to ``sparsity`` (local), or all of them together (global)."""
+           kwargs: dict, budget: Optional[Budget] = None) -> PyTree:
+  """The masks after pruning every masked leaf to ``sparsity`` (local; to its share under ``budget``), or all of
+  them together (global)."""
   flat, treedef = jax.tree_util.tree_flatten_with_path(params)
   flat_masks = treedef.flatten_up_to(masks)
   chosen = [i for i, ((_, x), m) in enumerate(zip(flat, flat_masks)) if is_masked(m, x)]
@@ -97,14 +99,17 @@ def _prune(name: str, params: PyTree, masks: PyTree, sparsity: jax.Array, key: O
       count = _new_count(sparsity, jnp.int64(total), live)
     paths = {path_str(flat[i][0]) for i in chosen}
     return global_unstructured(params, count, masks=masks, where=lambda path, _: path in paths)
+  targets = [sparsity] * len(flat) if budget is None else treedef.flatten_up_to(budget(params, sparsity))
   amounts = {}
   for i in chosen:
     path, x = path_str(flat[i][0]), flat[i][1]
+    if targets[i] is None:  # the budget leaves this leaf alone
+      continue
     try:
       total, live = _live_units(name, x, flat_masks[i], kwargs)
     except (KeyError, ValueError, TypeError, IndexError) as err:
       raise type(err)(f"{path}: scheduled {name} failed: {err}") from err
-    amounts[path] = _new_count(sparsity, total, live)
+    amounts[path] = _new_count(jnp.asarray(targets[i], jnp.float32), total, live)
   try:  # every leaf in one selection, each with its own count
     return prune(params, name, masks=masks, key=key, where=lambda path, _: path in amounts,
                  amount=lambda path, _: amounts.get(path), **kwargs)
@@ -124,7 +129,8 @@ def _rewound(updates: PyTree, params: PyTree, rewind: PyTree, masks: PyTree, now
 def scheduled_pruning(inner: optax.GradientTransformation, schedule: ScheduleLike,
                       method: Union[str, Callable] = "l1_unstructured", *, where: Where = None,
                       masks: MasksLike = None, key: Optional[jax.Array] = None, semantics: Semantics = "lock",
-                      rewind_step: Optional[int] = None, **method_kwargs) -> optax.GradientTransformationExtraArgs:
+                      rewind_step: Optional[int] = None, budget: Optional[Budget] = None,
+                      **method_kwargs) -> optax.GradientTransformationExtraArgs:
   """Wraps an optimizer so that it prunes the params on a sparsity schedule, inside ``update``.
 
   At update ``t`` the target is ``schedule(t)``, a fraction of the units of the selected leaves (entries;
@@ -152,6 +158,9 @@ def scheduled_pruning(inner: optax.GradientTransformation, schedule: ScheduleLik
     key: a PRNG key, required by the random methods.
     semantics: ``"lock"`` (newly pruned params are set to 0.0 and frozen) or ``"torch"`` (params are
       ``weight_orig``; only the masks change; the loss must use ``jaxprune.apply_masks``).
+    budget: layer-wise sparsities for local methods: ``budget(params, target)`` gives each leaf's sparsity for
+      the schedule's overall target, e.g. ``jaxprune.budgets.erk`` (traced target, so the budget follows the
+      schedule inside jit); its None leaves are not pruned. None: every leaf at the target.
     rewind_step: lottery-ticket rewinding (Frankle & Carbin 2019): the params seen at update ``rewind_step`` (0:
       the initial ones) are kept, and after every later pruning step all params are rewound to them, pruned
       entries staying 0 in lock semantics. The optimizer state carries on, as with PyTorch Lightning's
@@ -163,6 +172,8 @@ def scheduled_pruning(inner: optax.GradientTransformation, schedule: ScheduleLik
   """
   check_semantics(semantics)
   name = _method_name(method)
+  if budget is not None and name == _GLOBAL:
+    raise ValueError("a budget sets per-leaf sparsities, which a global ranking does not have: use a local method")
   if "amount" in method_kwargs:
     raise TypeError("scheduled_pruning takes the amount from the schedule; do not pass `amount`")
   if name.startswith("random_") and key is None:
@@ -177,7 +188,7 @@ def scheduled_pruning(inner: optax.GradientTransformation, schedule: ScheduleLik
   def init(params):
     inner_state = masked.init(params)
     # Surface a bad method argument (missing axis, 1-d leaf...) now, with the leaf's path, not at the first prune.
-    jax.eval_shape(lambda p, m: _prune(name, p, m, jnp.float32(0), random_key, method_kwargs),
+    jax.eval_shape(lambda p, m: _prune(name, p, m, jnp.float32(0), random_key, method_kwargs, budget),
                    params, inner_state.masks)
     return ScheduledPruningState(
         count=jnp.zeros([], jnp.int32), sparsity=jnp.zeros([], jnp.float32), key=random_key,
@@ -197,7 +208,7 @@ def scheduled_pruning(inner: optax.GradientTransformation, schedule: ScheduleLik
 
     def prune_branch(key):
       key, sub = jax.random.split(key) if key is not None else (None, None)
-      new = treedef.flatten_up_to(_prune(name, params, current, target, sub, method_kwargs))
+      new = treedef.flatten_up_to(_prune(name, params, current, target, sub, method_kwargs, budget))
       return [new[i] for i in masked_at], key
 
     def keep_branch(key):

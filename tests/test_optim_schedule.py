@@ -124,6 +124,22 @@ def test_global_schedule_hits_exact_sparsity_across_leaves():
   assert final[0] != final[1]
 
 
+def test_a_budget_gives_each_layer_its_own_exact_share_of_the_schedule():
+  """budget=budgets.erk: at every step each kernel holds exactly its ERK count for the schedule's target."""
+  opt = scheduled_pruning(optax.adam(1e-2), SCHEDULE, "l1_unstructured", budget=jaxprune.budgets.erk)
+  params = init_params()
+  _, _, history, drift = run(opt, params, opt.init(params), STEPS)
+  assert float(drift.max()) == 0.0
+  for t in range(STEPS):
+    want = jaxprune.budgets.counts(params, jaxprune.budgets.erk(params, SCHEDULE(t)))
+    assert {name: int((~np.asarray(history[name][t])).sum()) for name in history} == \
+        {name: int(want[name]["kernel"]) for name in history}, t
+  final = [float((~np.asarray(history[name][-1])).mean()) for name in sorted(history)]
+  assert final[0] != final[1]  # ERK: the wider layer ends sparser
+  with pytest.raises(ValueError, match="budget"):
+    scheduled_pruning(optax.sgd(0.1), SCHEDULE, "global_unstructured", budget=jaxprune.budgets.erk)
+
+
 def test_where_selects_the_pruned_leaves():
   opt = scheduled_pruning(optax.adam(1e-2), 0.5, where="dense1/kernel")
   params = init_params()

@@ -121,6 +121,12 @@ def read_index(path: str) -> Index:
   return Index(weight_map, metadata)
 
 
+def shard_files(index_path: str) -> tuple[str, ...]:
+  """The paths of the shards an index names, in the order it first names them."""
+  folder = os.path.dirname(index_path)
+  return tuple(os.path.join(folder, shard) for shard in _shard_keys(read_index(index_path).weight_map))
+
+
 def _shard_keys(weight_map: Mapping[str, str]) -> dict[str, list[str]]:
   """Shard file name -> its keys, shards in the order the index first names them."""
   by_shard: dict[str, list[str]] = {}

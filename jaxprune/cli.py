@@ -195,8 +195,7 @@ def read_checkpoint(path: str, key: Optional[str] = None) -> Loaded:
     return _read_orbax(path)
   # Mapped, not read: a tensor costs memory once touched, and commands give the pages back when done with them.
   state_dict, meta = interop.io.load_with_metadata(path, key=key, mmap=True)  # the format is read from the content
-  files = (path,) if index is None else tuple(
-      os.path.join(os.path.dirname(index), shard) for shard in dict.fromkeys(shards.read_index(index).weight_map.values()))
+  files = (path,) if index is None else shards.shard_files(index)
   if meta.get(FORMAT_KEY) == "flax":
     with _dropping(files) as done:
       return Loaded(_jax_to_state_dict(_unflatten(state_dict, path), meta.get(SPEC_KEY), path, done), "flax", files)
@@ -721,6 +720,7 @@ def _prune_chosen(params: Any, masks: Any, chosen: list[str], args, kwargs: dict
   continued as torch's PruningContainer does: amounts are relative); each leaf goes to ``done`` once pruned."""
   import jax  # pylint: disable=import-outside-toplevel
   import numpy as np  # pylint: disable=import-outside-toplevel
+  leaves = {jaxprune.path_str(p): x for p, x in jax.tree_util.tree_flatten_with_path(params)[0]}
   with out.progress("pruning", 1 if args.use_global else len(chosen)) as advance:
     if args.use_global:
       try:
@@ -729,9 +729,11 @@ def _prune_chosen(params: Any, masks: Any, chosen: list[str], args, kwargs: dict
       except (ValueError, IndexError) as err:
         raise _torch_named(err, chosen) from err
       advance("global L1")
+      jax.block_until_ready(masks)
+      for path in chosen:
+        done(np.asarray(leaves[path]))
       return masks
     key = jax.random.key(args.seed) if args.method == "random" else None
-    leaves = {jaxprune.path_str(p): x for p, x in jax.tree_util.tree_flatten_with_path(params)[0]}
     for path in chosen:  # one leaf at a time for the progress bar; the key still folds in the leaf's index
       try:
         masks = jaxprune.prune(params, METHODS[args.method], masks=masks, key=key,
@@ -903,9 +905,9 @@ def build_parser() -> argparse.ArgumentParser:
 
   p = sub.add_parser("inspect", parents=[common], help="per-tensor sparsity of a checkpoint",
                      description="Per-tensor shape, dtype, pruning (_orig/_mask) and zeros of a torch .pt/.pth/.bin, "
-                     "a .safetensors file, a sharded checkpoint (its *.index.json or the folder holding it) or a jaxprune Orbax "
-                     "directory, and the global sparsity. Reads with numpy over a memory map, one tensor at a time; "
-                     "imports no JAX.")
+                     "a .safetensors file, a sharded checkpoint (its *.index.json or the folder holding it) or a "
+                     "jaxprune Orbax directory, and the global sparsity. Reads with numpy over a memory map, one "
+                     "tensor at a time; imports no JAX.")
   p.add_argument("path")
   p.set_defaults(run=cmd_inspect)
 

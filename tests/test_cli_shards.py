@@ -2,6 +2,9 @@
 read one file, and write sharded outputs (--max-shard-size) whole, with the same tensors bit for bit."""
 import json
 import os
+import signal
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -11,6 +14,8 @@ from torch.nn.utils import prune
 import interop
 from interop import shards
 from jaxprune import cli
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.fixture(scope="module")
@@ -121,3 +126,34 @@ def test_a_missing_shard_is_one_line_naming_it(capsys, ckpts, tmp_path):
     if not name.startswith("model-00002"):
       (broken / name).write_bytes((ckpts / "st" / name).read_bytes())
   assert "shard model-00002-of-" in _fails(capsys, "inspect", broken)
+
+
+_SIGNAL_AFTER_FIRST_SHARD = """
+import os, signal, sys
+import interop
+from jaxprune import cli
+file_writer = interop.io.file_writer
+
+def signalled(*args, **kwargs):  # SIGTERM arrives once the first shard is on disk, the rest not yet
+  write = file_writer(*args, **kwargs)
+  def then_signal(target):
+    write(target)
+    os.kill(os.getpid(), signal.SIGTERM)
+  return then_signal
+
+interop.io.file_writer = signalled
+sys.exit(cli.main(sys.argv[1:]))
+"""
+
+
+def test_a_signal_mid_write_leaves_the_old_shards_and_no_temporary_files(capsys, ckpts, tmp_path):
+  out = tmp_path / "out"
+  _json(capsys, "prune", ckpts / "st", "-o", out, "--method", "l1", "--amount", "0.5", "--max-shard-size", "2KB")
+  before = {name: (out / name).read_bytes() for name in os.listdir(out)}
+  argv = ["prune", str(ckpts / "st"), "-o", str(out), "--method", "l1", "--amount", "0.9", "--force"]
+  proc = subprocess.run([sys.executable, "-c", _SIGNAL_AFTER_FIRST_SHARD, *argv], cwd=ROOT, capture_output=True,
+                        text=True, timeout=300)
+  assert proc.returncode == 128 + signal.SIGTERM, proc.stderr
+  assert proc.stderr.strip() == "jaxprune prune: interrupted (SIGTERM); nothing was written"
+  assert {name: (out / name).read_bytes() for name in os.listdir(out)} == before
+  assert os.listdir(tmp_path) == ["out"]

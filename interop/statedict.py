@@ -607,12 +607,15 @@ def to_torch(params: PyTree, masks: Optional[PyTree] = None, buffers: Optional[M
     slot = (e.role == "mask", e.collection, *e.path)
     if slot not in made:
       back = devices.inverse_perm(e.perm)
-      # Masks to be folded in right away stay bool: the product is the same, without a mask in the param's dtype.
-      made[slot] = (devices.mask_to_torch(flat_masks[e.path], "bool" if permanent else e.dtype, perm=back,
-                                          tensors=tensors)
-                    if e.role == "mask" else
-                    devices.to_torch_tensor(leaves[(e.collection, *e.path)], e.dtype, perm=back, copy=copy,
-                                            tensors=tensors))
+      if e.role == "mask" and permanent:
+        # Folded in right away: the bool mask as it is (shared, no copy), not a copy in the param's dtype. The
+        # product is the same.
+        made[slot] = devices.to_torch_tensor(flat_masks[e.path], "bool", perm=back, copy=False, tensors=tensors)
+      else:
+        made[slot] = (devices.mask_to_torch(flat_masks[e.path], e.dtype, perm=back, tensors=tensors)
+                      if e.role == "mask" else
+                      devices.to_torch_tensor(leaves[(e.collection, *e.path)], e.dtype, perm=back, copy=copy,
+                                              tensors=tensors))
       if done is not None and e.role != "mask":
         done(leaves[(e.collection, *e.path)])
     out[e.key] = made[slot]

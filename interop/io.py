@@ -438,7 +438,8 @@ def load_state_dict(path: "os.PathLike[str] | str", *, key: Optional[str] = None
 
   Args:
     path: the file; its format is recognised from its content. Or a sharded checkpoint: its index
-      (``model.safetensors.index.json``, ``pytorch_model.bin.index.json``) or the folder holding it.
+      (``model.safetensors.index.json``, ``pytorch_model.bin.index.json``) or the folder holding it; or a folder
+      holding one ``model.safetensors`` or ``pytorch_model.bin`` (a Hugging Face model saved unsharded).
     key: the entry holding the state_dict when the file wraps it (``{"state_dict": ..., "epoch": 3}``).
     mmap: map the file instead of reading it (see the module docstring): no memory is spent until a tensor is
       touched, and a checkpoint larger than memory can be read tensor by tensor.
@@ -460,6 +461,7 @@ def load_with_metadata(path: "os.PathLike[str] | str", *, key: Optional[str] = N
   index = shards.find_index(path)
   if index is not None:
     return shards.load(index, key=key, mmap=mmap)
+  path = shards.find_single(path) or path  # a Hugging Face folder of an unsharded model: its weights file
   if _sniff(path) == "safetensors":
     obj, metadata = _read_safetensors(path, mmap)
   else:

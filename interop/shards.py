@@ -33,6 +33,8 @@ INDEX_SUFFIX = ".index.json"
 INDEX_NAMES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
 """The index names Hugging Face writes, in the order a folder holding both is read (safetensors first, as HF does)."""
 DEFAULT_INDEX = INDEX_NAMES[0]
+SINGLE_NAMES = ("model.safetensors", "pytorch_model.bin")
+"""The one weights file of a model Hugging Face saved unsharded, in the order a folder holding both is read."""
 DEFAULT_MAX_SHARD_SIZE = 5 * 10**9
 """5GB, Hugging Face's ``save_pretrained`` default."""
 SHARD_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
@@ -86,6 +88,13 @@ def find_index(path: str) -> Optional[str]:
   if names:
     raise CheckpointError(f"{path} holds several indexes ({', '.join(names)}); give the one to read")
   return None
+
+
+def find_single(path: str) -> Optional[str]:
+  """The one weights file (:data:`SINGLE_NAMES`) of a folder holding a model saved unsharded; None otherwise."""
+  if not os.path.isdir(path):
+    return None
+  return next((os.path.join(path, n) for n in SINGLE_NAMES if os.path.isfile(os.path.join(path, n))), None)
 
 
 class Index(NamedTuple):

@@ -191,11 +191,12 @@ def read_checkpoint(path: str, key: Optional[str] = None) -> Loaded:
   if not os.path.exists(path):
     raise UserError(f"{path}: no such file or directory")
   index = shards.find_index(path)  # an index, or a folder holding one: a sharded checkpoint
-  if os.path.isdir(path) and index is None:
+  single = shards.find_single(path)  # or a Hugging Face folder of an unsharded model
+  if os.path.isdir(path) and index is None and single is None:
     return _read_orbax(path)
   # Mapped, not read: a tensor costs memory once touched, and commands give the pages back when done with them.
   state_dict, meta = interop.io.load_with_metadata(path, key=key, mmap=True)  # the format is read from the content
-  files = (path,) if index is None else shards.shard_files(index)
+  files = (single or path,) if index is None else shards.shard_files(index)
   if meta.get(FORMAT_KEY) == "flax":
     with _dropping(files) as done:
       return Loaded(_jax_to_state_dict(_unflatten(state_dict, path), meta.get(SPEC_KEY), path, done), "flax", files)

@@ -157,3 +157,12 @@ def test_a_signal_mid_write_leaves_the_old_shards_and_no_temporary_files(capsys,
   assert proc.stderr.strip() == "jaxprune prune: interrupted (SIGTERM); nothing was written"
   assert {name: (out / name).read_bytes() for name in os.listdir(out)} == before
   assert os.listdir(tmp_path) == ["out"]
+
+
+def test_a_folder_of_an_unsharded_hugging_face_model_reads_as_its_weights_file(capsys, ckpts, tmp_path):
+  (tmp_path / "hf").mkdir()
+  (tmp_path / "hf" / "model.safetensors").write_bytes((ckpts / "one.safetensors").read_bytes())
+  (tmp_path / "hf" / "config.json").write_text("{}")
+  whole, folder = _json(capsys, "inspect", ckpts / "one.safetensors"), _json(capsys, "inspect", tmp_path / "hf")
+  assert whole.pop("path") != folder.pop("path") and folder == whole
+  _same(interop.load_state_dict(tmp_path / "hf"), interop.load_state_dict(ckpts / "one.safetensors"))

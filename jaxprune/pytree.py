@@ -6,12 +6,18 @@ pruned holds :data:`UNMASKED`, a scalar ``True`` that broadcasts against the par
 
 Leaves are named by their path, flax ``traverse_util`` style: dict keys, attribute names and sequence indices
 joined with ``/`` (``"conv1/kernel"``, ``"layers/0/w"``).
+
+Flax NNX states (``nnx.state(model, nnx.Param)``) hold each array in an ``nnx.Variable``. Every function here
+reads such a state as ``nnx.as_pure`` would (each Variable replaced by the array it holds): leaves are named
+``"l1/kernel"``, not ``"l1/kernel/value"``, and the masks returned are an ``nnx.State`` of plain bool arrays,
+the structure ``nnx.Optimizer`` hands to optax. Params given with Variables come back with Variables.
 """
 from __future__ import annotations
 
 import functools
 import numbers
 import re
+import sys
 from typing import Any, Callable, Optional, Sequence, Union
 
 import jax
@@ -46,7 +52,14 @@ def is_masked(mask: Any, param: Any = None) -> bool:
 
 
 def path_str(path: Sequence[Any]) -> str:
-  """A key path as a ``/``-joined string (``"params/conv1/kernel"``)."""
+  """A key path as a ``/``-joined string (``"params/conv1/kernel"``).
+
+  A last ``.value`` attribute key is left out: it is the array inside a box (an NNX Variable, flax's
+  ``nn.Partitioned``), and the path names the param as users write it (``"l1/kernel"``). Dict keys named
+  ``"value"`` are kept; so an attribute that is itself called ``value`` reads as its parent's path.
+  """
+  if path and isinstance(path[-1], jax.tree_util.GetAttrKey) and path[-1].name == "value":
+    path = path[:-1]
   parts = []
   for entry in path:
     for attr in ("key", "name", "idx"):
@@ -56,6 +69,32 @@ def path_str(path: Sequence[Any]) -> str:
     else:
       parts.append(str(entry))
   return "/".join(parts)
+
+
+def _variable_type() -> Optional[type]:
+  """``nnx.Variable``, or None while flax.nnx is not imported (then no tree can hold one, and none is imported)."""
+  variablelib = sys.modules.get("flax.nnx.variablelib")
+  return None if variablelib is None else variablelib.Variable
+
+
+def _plain(tree: PyTree) -> PyTree:
+  """``tree`` with every NNX Variable replaced by what it holds (``nnx.as_pure``); other trees as they are."""
+  variable = _variable_type()
+  if variable is None:
+    return tree
+  is_variable = lambda x: isinstance(x, variable)
+  if not any(map(is_variable, jax.tree.leaves(tree, is_leaf=is_variable))):
+    return tree  # a plain pytree is not rebuilt: its leaves stay the very objects given
+  unbox = lambda x: _plain(x.get_value() if hasattr(x, "get_value") else x.value) if is_variable(x) else x
+  return jax.tree.map(unbox, tree, is_leaf=is_variable)
+
+
+def _boxed_like(params: PyTree, plain: PyTree) -> PyTree:
+  """``plain`` (a tree like ``_plain(params)``) with each of ``params``' NNX Variables put back around its part."""
+  variable = _variable_type()
+  is_variable = lambda x: isinstance(x, variable)
+  return jax.tree.map(lambda p, new: p.replace(value=new) if is_variable(p) else new, params, plain,
+                      is_leaf=is_variable)
 
 
 def default_where(path: str, leaf: Any) -> bool:
@@ -86,14 +125,18 @@ def selector(where: Where) -> Predicate:
 
 
 def _leaves(params: PyTree, *trees: Optional[PyTree]):
-  """Flattened params with paths, and each of ``trees`` flattened to the same structure (None -> all None)."""
-  flat, treedef = jax.tree_util.tree_flatten_with_path(params)
+  """Flattened params with paths, and each of ``trees`` flattened to the same structure (None -> all None).
+
+  NNX Variables are read through (:func:`_plain`), in ``params`` and in ``trees`` alike, so the treedef has none:
+  trees rebuilt from it (the masks) hold plain arrays.
+  """
+  flat, treedef = jax.tree_util.tree_flatten_with_path(_plain(params))
   others = []
   for tree in trees:
     if tree is None:
       others.append([None] * len(flat))
     else:
-      others.append(treedef.flatten_up_to(tree))
+      others.append(treedef.flatten_up_to(_plain(tree)))
   return [(path_str(p), leaf) for p, leaf in flat], treedef, others
 
 
@@ -109,7 +152,7 @@ def init_masks(params: PyTree, where: Where = None) -> PyTree:
   """
   pick = selector(where)
   return jax.tree_util.tree_map_with_path(
-      lambda p, x: jnp.ones_like(x, dtype=bool) if pick(path_str(p), x) else UNMASKED, params)
+      lambda p, x: jnp.ones_like(x, dtype=bool) if pick(path_str(p), x) else UNMASKED, _plain(params))
 
 
 def _resolve(method: Union[str, Callable]) -> Callable:
@@ -126,7 +169,8 @@ def _with_path(path: str, err: Exception) -> Exception:
 
 def _per_leaf_amounts(amount, leaves, treedef) -> list:
   """One amount per leaf from a scalar, a pytree of amounts (None: leave the leaf alone) or ``fn(path, leaf)``."""
-  if callable(amount):
+  # An equinox module is callable too; a pytree of amounts shaped like equinox params is a node, a function a leaf.
+  if callable(amount) and jax.tree_util.treedef_is_leaf(jax.tree.structure(amount)):
     return [amount(path, x) for path, x in leaves]
   if isinstance(amount, (numbers.Number, np.generic)) or (
       isinstance(amount, (jax.Array, np.ndarray)) and np.ndim(amount) == 0):
@@ -365,8 +409,10 @@ def apply_masks(params: PyTree, masks: PyTree) -> PyTree:
   becomes NaN (spec §1.3).
   """
   # After a jit boundary UNMASKED is a 0-d array, so test the shape rather than identity.
-  return jax.tree.map(lambda p, m: jnp.asarray(m).astype(jnp.result_type(p)) * p if is_masked(m, p) else p,
-                      params, masks)
+  plain = _plain(params)
+  masked = jax.tree.map(lambda p, m: jnp.asarray(m).astype(jnp.result_type(p)) * p if is_masked(m, p) else p,
+                        plain, _plain(masks))
+  return masked if plain is params else _boxed_like(params, masked)
 
 
 def make_permanent(params: PyTree, masks: PyTree, where: Where = None) -> tuple[PyTree, PyTree]:
@@ -390,4 +436,7 @@ def make_permanent(params: PyTree, masks: PyTree, where: Where = None) -> tuple[
     else:
       new_params.append(x)
       new_masks.append(m)
-  return jax.tree_util.tree_unflatten(treedef, new_params), jax.tree_util.tree_unflatten(treedef, new_masks)
+  new_params = jax.tree_util.tree_unflatten(treedef, new_params)
+  if _plain(params) is not params:  # an NNX state comes back with its Variables
+    new_params = _boxed_like(params, new_params)
+  return new_params, jax.tree_util.tree_unflatten(treedef, new_masks)

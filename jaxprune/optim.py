@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from jaxprune.pytree import Where, init_masks, is_masked, path_str
+from jaxprune.pytree import Where, init_masks, is_masked, path_str, unboxed
 
 PyTree = Any
 Semantics = Literal["lock", "torch"]
@@ -54,6 +54,7 @@ def check_masks(masks: PyTree, params: PyTree, layout: Optional[PyTree] = None) 
     ValueError: the masks do not mirror the params, a mask leaf is not a bool array of its param's shape, or a
       leaf is masked in one of ``masks``/``layout`` and not in the other. The message names the leaf's path.
   """
+  masks, params = unboxed(masks), unboxed(params)  # an NNX state as optax sees it in nnx.Optimizer.update
   flat, treedef = jax.tree_util.tree_flatten_with_path(params)
   try:
     flat_masks = treedef.flatten_up_to(masks)
@@ -167,7 +168,9 @@ def masked_optimizer(inner: optax.GradientTransformation, masks: MasksLike = Non
   inner = optax.with_extra_args_support(inner)
 
   def init(params):
-    initial = init_masks(params, where) if masks is None else masks(params) if callable(masks) else masks
+    # An equinox module is callable too: masks= is a function only if it is a pytree leaf.
+    is_function = callable(masks) and jax.tree_util.treedef_is_leaf(jax.tree.structure(masks))
+    initial = init_masks(params, where) if masks is None else masks(params) if is_function else masks
     check_masks(initial, params)
     return MaskedState(masks=initial, inner_state=inner.init(params))
 

@@ -27,7 +27,7 @@ from jax import lax
 from jaxprune import methods as _methods
 from jaxprune.amounts import num_to_prune
 from jaxprune.optim import MaskedState, MasksLike, Semantics, check_semantics, masked_optimizer
-from jaxprune.pytree import Where, global_unstructured, is_masked, path_str, prune
+from jaxprune.pytree import Where, global_unstructured, is_masked, path_str, prune, unboxed
 from jaxprune.schedules import ScheduleLike, as_schedule
 
 PyTree = Any
@@ -189,7 +189,7 @@ def scheduled_pruning(inner: optax.GradientTransformation, schedule: ScheduleLik
     inner_state = masked.init(params)
     # Surface a bad method argument (missing axis, 1-d leaf...) now, with the leaf's path, not at the first prune.
     jax.eval_shape(lambda p, m: _prune(name, p, m, jnp.float32(0), random_key, method_kwargs, budget),
-                   params, inner_state.masks)
+                   unboxed(params), inner_state.masks)  # nnx.Optimizer inits on Variables, updates on arrays
     return ScheduledPruningState(
         count=jnp.zeros([], jnp.int32), sparsity=jnp.zeros([], jnp.float32), key=random_key,
         rewind_params=None if rewind_step is None else params, inner_state=inner_state)

@@ -77,7 +77,7 @@ def _variable_type() -> Optional[type]:
   return None if variablelib is None else variablelib.Variable
 
 
-def _plain(tree: PyTree) -> PyTree:
+def unboxed(tree: PyTree) -> PyTree:
   """``tree`` with every NNX Variable replaced by what it holds (``nnx.as_pure``); other trees as they are."""
   variable = _variable_type()
   if variable is None:
@@ -85,12 +85,12 @@ def _plain(tree: PyTree) -> PyTree:
   is_variable = lambda x: isinstance(x, variable)
   if not any(map(is_variable, jax.tree.leaves(tree, is_leaf=is_variable))):
     return tree  # a plain pytree is not rebuilt: its leaves stay the very objects given
-  unbox = lambda x: _plain(x.get_value() if hasattr(x, "get_value") else x.value) if is_variable(x) else x
+  unbox = lambda x: unboxed(x.get_value() if hasattr(x, "get_value") else x.value) if is_variable(x) else x
   return jax.tree.map(unbox, tree, is_leaf=is_variable)
 
 
 def _boxed_like(params: PyTree, plain: PyTree) -> PyTree:
-  """``plain`` (a tree like ``_plain(params)``) with each of ``params``' NNX Variables put back around its part."""
+  """``plain`` (a tree like ``unboxed(params)``) with each of ``params``' NNX Variables put back around its part."""
   variable = _variable_type()
   is_variable = lambda x: isinstance(x, variable)
   return jax.tree.map(lambda p, new: p.replace(value=new) if is_variable(p) else new, params, plain,
@@ -127,16 +127,16 @@ def selector(where: Where) -> Predicate:
 def _leaves(params: PyTree, *trees: Optional[PyTree]):
   """Flattened params with paths, and each of ``trees`` flattened to the same structure (None -> all None).
 
-  NNX Variables are read through (:func:`_plain`), in ``params`` and in ``trees`` alike, so the treedef has none:
+  NNX Variables are read through (:func:`unboxed`), in ``params`` and in ``trees`` alike, so the treedef has none:
   trees rebuilt from it (the masks) hold plain arrays.
   """
-  flat, treedef = jax.tree_util.tree_flatten_with_path(_plain(params))
+  flat, treedef = jax.tree_util.tree_flatten_with_path(unboxed(params))
   others = []
   for tree in trees:
     if tree is None:
       others.append([None] * len(flat))
     else:
-      others.append(treedef.flatten_up_to(_plain(tree)))
+      others.append(treedef.flatten_up_to(unboxed(tree)))
   return [(path_str(p), leaf) for p, leaf in flat], treedef, others
 
 
@@ -152,7 +152,7 @@ def init_masks(params: PyTree, where: Where = None) -> PyTree:
   """
   pick = selector(where)
   return jax.tree_util.tree_map_with_path(
-      lambda p, x: jnp.ones_like(x, dtype=bool) if pick(path_str(p), x) else UNMASKED, _plain(params))
+      lambda p, x: jnp.ones_like(x, dtype=bool) if pick(path_str(p), x) else UNMASKED, unboxed(params))
 
 
 def _resolve(method: Union[str, Callable]) -> Callable:
@@ -409,9 +409,9 @@ def apply_masks(params: PyTree, masks: PyTree) -> PyTree:
   becomes NaN (spec §1.3).
   """
   # After a jit boundary UNMASKED is a 0-d array, so test the shape rather than identity.
-  plain = _plain(params)
+  plain = unboxed(params)
   masked = jax.tree.map(lambda p, m: jnp.asarray(m).astype(jnp.result_type(p)) * p if is_masked(m, p) else p,
-                        plain, _plain(masks))
+                        plain, unboxed(masks))
   return masked if plain is params else _boxed_like(params, masked)
 
 
@@ -437,6 +437,6 @@ def make_permanent(params: PyTree, masks: PyTree, where: Where = None) -> tuple[
       new_params.append(x)
       new_masks.append(m)
   new_params = jax.tree_util.tree_unflatten(treedef, new_params)
-  if _plain(params) is not params:  # an NNX state comes back with its Variables
+  if unboxed(params) is not params:  # an NNX state comes back with its Variables
     new_params = _boxed_like(params, new_params)
   return new_params, jax.tree_util.tree_unflatten(treedef, new_masks)

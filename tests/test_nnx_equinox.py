@@ -128,10 +128,6 @@ def _eqx_loss(model, x, y):
   return jnp.mean((jax.vmap(model)(x) - y) ** 2)  # an equinox module maps one example
 
 
-@pytest.mark.xfail(strict=True, raises=ValueError, reason=(
-    "nnx.Optimizer calls tx.init on the state with its nnx.Param Variables but tx.update on nnx.as_pure of it; "
-    "masked_optimizer's init compares the plain masks with the Variable-wrapped params (jaxprune/optim.py "
-    "check_masks must read params and masks through jaxprune.pytree._plain)"))
 def test_nnx_optimizer_trains_and_pruned_kernels_stay_exactly_zero():
   model = Net(nnx.Rngs(0))
   params = nnx.state(model, nnx.Param)
@@ -159,9 +155,6 @@ def test_nnx_optimizer_trains_and_pruned_kernels_stay_exactly_zero():
   assert zeros == round(0.6 * total)
 
 
-@pytest.mark.xfail(strict=True, raises=ValueError, reason=(
-    "scheduled_pruning's init checks its method on the Variable-wrapped state nnx.Optimizer gives tx.init, against "
-    "plain masks (jaxprune/optim_pruning.py init must read params through jaxprune.pytree._plain)"))
 def test_nnx_optimizer_with_scheduled_pruning_prunes_each_kernel_to_the_target():
   model = Net(nnx.Rngs(0))
   optimizer = nnx.Optimizer(model, jaxprune.scheduled_pruning(optax.adam(1e-2), lambda step: 0.5, where="kernel$"),
@@ -197,9 +190,7 @@ def test_equinox_mlp_is_pruned_by_readable_paths_and_trains_with_pruned_weights_
   assert all(layer.bias is jaxprune.UNMASKED for layer in local.layers)
 
   params = jaxprune.apply_masks(params, masks)
-  # masks is an eqx.nn.MLP, which is callable, and masked_optimizer would call it as a function params -> masks
-  # (see the xfail test below), so the masks go in as that function.
-  opt = jaxprune.masked_optimizer(optax.adam(1e-2), lambda _: masks)
+  opt = jaxprune.masked_optimizer(optax.adam(1e-2), masks)  # an equinox module, callable yet not a function
   state = opt.init(params)
 
   @eqx.filter_jit
@@ -221,9 +212,6 @@ def test_equinox_mlp_is_pruned_by_readable_paths_and_trains_with_pruned_weights_
   assert zeros == round(0.75 * weights)
 
 
-@pytest.mark.xfail(strict=True, raises=TypeError, reason=(
-    "masked_optimizer calls masks= when callable(masks), and an equinox module (the mask pytree of equinox "
-    "params) is callable: jaxprune/optim.py must call it only when it is a pytree leaf (a function)"))
 def test_masked_optimizer_takes_the_mask_module_of_equinox_params():
   params = eqx.filter(eqx.nn.MLP(4, 3, 8, 2, key=jax.random.key(0)), eqx.is_array)
   masks = jaxprune.global_unstructured(params, 0.75)

@@ -703,14 +703,23 @@ def _torch_named(err: Exception, chosen: Sequence[str], current: Optional[str] =
   return UserError(f"{leaf.replace('/', '.')}: {text}" if leaf else text)
 
 
-def _selector(include: Sequence[re.Pattern], exclude: Sequence[re.Pattern]):
+def _selector(include: Sequence[re.Pattern], exclude: Sequence[re.Pattern], spec: Any = None):
   """``(path, leaf) -> bool`` on torch names (``conv1.weight``): the default weights, or what ``--include``
-  matches, minus what ``--exclude`` matches."""
+  matches, minus what ``--exclude`` matches. A tied tensor answers to each of its names (GPT-2's one leaf
+  ``transformer.wte.weight`` to ``lm_head`` as well), and is left alone if ``--exclude`` matches any of them: pruning
+  it prunes every name."""
+  names = {}
+  if spec is not None:
+    entries = {e.key: e for e in spec.entries}
+    for group in spec.ties:
+      names["/".join(entries[group[0]].path)] = [k.removesuffix("_orig") if entries[k].role == "orig" else k
+                                                 for k in group]
 
   def pick(path: str, leaf) -> bool:
-    name = path.replace("/", ".")
-    chosen = any(r.search(name) for r in include) if include else jaxprune.default_where(path, leaf)
-    return chosen and not any(r.search(name) for r in exclude)
+    aliases = names.get(path, [path.replace("/", ".")])
+    hit = lambda patterns: any(r.search(name) for r in patterns for name in aliases)
+    chosen = hit(include) if include else jaxprune.default_where(path, leaf)
+    return chosen and not hit(exclude)
 
   return pick
 
@@ -760,7 +769,7 @@ def cmd_prune(args, out: Output) -> None:
     with _naming(args.input):
       # copy=False: JAX may use the mapped file's memory as it is (no one writes to it), one copy fewer
       converted = interop.from_torch(loaded.state_dict, layout="torch", copy=False)
-  pick = _selector(args.include, args.exclude)
+  pick = _selector(args.include, args.exclude, converted.spec)
   flat, _ = jax.tree_util.tree_flatten_with_path(converted.params)
   chosen = [path for path, leaf in ((jaxprune.path_str(p), x) for p, x in flat) if pick(path, leaf)]
   if not chosen:

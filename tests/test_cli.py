@@ -381,3 +381,33 @@ assert "torch" not in {{k for k, v in sys.modules.items() if v is not None}}
   assert len(errors) == 2 and all("needs torch" in line for line in errors), proc.stderr
   assert interop.diff_state_dicts(interop.load_state_dict(tmp_path / "t.safetensors"),
                                   interop.load_state_dict(tmp_path / "p.safetensors")) == []
+
+
+class _TiedLM(nn.Module):
+  """GPT-2's tie in small: the output head is the token embedding (one Parameter, two state_dict keys)."""
+
+  def __init__(self):
+    super().__init__()
+    torch.manual_seed(0)
+    self.wte = nn.Embedding(16, 8)
+    self.lm_head = nn.Linear(8, 16, bias=False)
+    self.lm_head.weight = self.wte.weight
+
+
+def test_prune_selects_a_tied_tensor_by_any_of_its_names(capsys, tmp_path):
+  """--include lm_head prunes GPT-2's head although JAX holds it under its first name (transformer.wte.weight):
+  the one tensor is pruned as torch's l1_unstructured on lm_head prunes it, and --exclude on either name keeps it."""
+  model = _TiedLM()
+  torch.save(model.state_dict(), tmp_path / "tied.pt")
+  out = tmp_path / "out.pt"
+  report = run_json(capsys, "prune", tmp_path / "tied.pt", "-o", out, "--method", "l1", "--amount", "0.5",
+                    "--include", "^lm_head")
+  assert report["selected"] == ["wte.weight"]
+  prune.l1_unstructured(model.lm_head, "weight", 0.5)
+  expected = model.lm_head.weight.detach().numpy()
+  effective = _effective(torch.load(out, weights_only=True))
+  for name in ("wte.weight", "lm_head.weight"):
+    np.testing.assert_array_equal(effective[name], expected)
+  status, _, err = run(capsys, "prune", tmp_path / "tied.pt", "-o", tmp_path / "none.pt", "--method", "l1",
+                       "--amount", "0.5", "--include", "^wte", "--exclude", "^lm_head")
+  assert status == 2 and "no tensor" in err

@@ -1,0 +1,447 @@
+"""torchvision's architectures and torch's own attention and recurrent modules through interop and the CLI.
+
+torchvision cannot be installed beside torch 2.13.0 here, so the models below are replicas, small widths, of
+torchvision's MobileNetV3 and EfficientNet (``features.N[.M].block.K`` ``Conv2dNormActivation`` blocks with
+depthwise convs, ``SqueezeExcitation`` ``fc1``/``fc2`` 1x1 convs) and VisionTransformer (``conv_proj``,
+``class_token``, ``encoder.pos_embedding``, ``encoder.layers.encoder_layer_i`` with torch's own
+``nn.MultiheadAttention`` as ``self_attention``, ``mlp.0``/``mlp.3``, ``heads.head``), built from torch.nn with the
+module structure, init-independent shapes and state_dict names of torchvision's source
+(torchvision/models/mobilenetv3.py, efficientnet.py, vision_transformer.py, torchvision/ops/misc.py), and a tagger
+with ``nn.Embedding``, a 2-layer bidirectional ``nn.LSTM`` and a Linear head.
+
+Each is pruned by torch (global L1 over every weight, ``in_proj_weight`` and the LSTM's ``weight_ih_l*`` /
+``weight_hh_l*`` included; ``ln_structured`` on convs; an iterative sequence on one tensor; a 1-d tensor) and
+checked against torch itself: every key accounted for, the Flax layout of every module kind, bit-identical round
+trips in both layouts (file order included), ``load_pruned`` and ``permanent=True`` outputs equal to the pruned
+model's, jaxprune's global L1 masks equal to torch's, and the CLI on the same files.
+"""
+import json
+from collections import OrderedDict
+from functools import partial
+
+import numpy as np
+import pytest
+import safetensors.torch
+import torch
+from flax import traverse_util
+from torch import nn
+from torch.nn.utils import prune
+
+import interop
+import jaxprune
+from jaxprune import cli
+
+
+def _divisible(v: float, d: int = 8) -> int:
+  """torchvision's ``_make_divisible``: the squeeze width of a SqueezeExcitation."""
+  new = max(d, int(v + d / 2) // d * d)
+  return new + d if new < 0.9 * v else new
+
+
+class Conv2dNormActivation(nn.Sequential):
+  """torchvision.ops.Conv2dNormActivation: ``0`` a bias-free conv, ``1`` a BatchNorm, ``2`` the activation."""
+
+  def __init__(self, cin, cout, k=3, stride=1, groups=1, act=nn.ReLU, eps=1e-3):
+    layers = [nn.Conv2d(cin, cout, k, stride, (k - 1) // 2, groups=groups, bias=False),
+              nn.BatchNorm2d(cout, eps=eps, momentum=0.01)]
+    super().__init__(*layers, *([act(inplace=True)] if act is not None else []))
+
+
+class SqueezeExcitation(nn.Module):
+  """torchvision.ops.SqueezeExcitation: ``fc1``/``fc2`` are 1x1 convs with biases."""
+
+  def __init__(self, cin, squeeze, act=nn.ReLU, scale_act=nn.Hardsigmoid):
+    super().__init__()
+    self.avgpool = nn.AdaptiveAvgPool2d(1)
+    self.fc1 = nn.Conv2d(cin, squeeze, 1)
+    self.fc2 = nn.Conv2d(squeeze, cin, 1)
+    self.activation = act()
+    self.scale_activation = scale_act()
+
+  def forward(self, x):
+    return self.scale_activation(self.fc2(self.activation(self.fc1(self.avgpool(x))))) * x
+
+
+class InvertedResidual(nn.Module):
+  """MobileNetV3's (and, with SiLU and SE in every block, EfficientNet's MBConv) ``block``: expand (when wider),
+  depthwise (groups = channels), SqueezeExcitation, project (no activation)."""
+
+  def __init__(self, cin, k, exp, cout, se, act, stride, se_act=nn.ReLU, scale_act=nn.Hardsigmoid, squeeze=None):
+    super().__init__()
+    self.use_res_connect = stride == 1 and cin == cout
+    layers = [Conv2dNormActivation(cin, exp, 1, act=act)] if exp != cin else []
+    layers.append(Conv2dNormActivation(exp, exp, k, stride, groups=exp, act=act))
+    if se:
+      layers.append(SqueezeExcitation(exp, squeeze or _divisible(exp // 4), se_act, scale_act))
+    layers.append(Conv2dNormActivation(exp, cout, 1, act=None))
+    self.block = nn.Sequential(*layers)
+
+  def forward(self, x):
+    y = self.block(x)
+    return y + x if self.use_res_connect else y
+
+
+class MobileNetV3(nn.Module):
+  """mobilenet_v3_small's first three bottlenecks (SE without expansion, expansion without SE, both, hardswish)."""
+
+  def __init__(self, classes=10):
+    super().__init__()
+    setting = [(16, 3, 16, 16, True, nn.ReLU, 2), (16, 3, 24, 16, False, nn.ReLU, 1),
+               (16, 5, 40, 24, True, nn.Hardswish, 2)]
+    self.features = nn.Sequential(Conv2dNormActivation(3, 16, 3, 2, act=nn.Hardswish),
+                                  *(InvertedResidual(*c) for c in setting),
+                                  Conv2dNormActivation(24, 144, 1, act=nn.Hardswish))
+    self.avgpool = nn.AdaptiveAvgPool2d(1)
+    self.classifier = nn.Sequential(nn.Linear(144, 32), nn.Hardswish(inplace=True), nn.Dropout(0.2, inplace=True),
+                                    nn.Linear(32, classes))
+
+  def forward(self, x):
+    return self.classifier(torch.flatten(self.avgpool(self.features(x)), 1))
+
+
+class EfficientNet(nn.Module):
+  """efficientnet_b0's layout: stages are Sequentials of MBConvs (``features.1.0.block.1.fc1``), SiLU, SE squeeze
+  = input channels / 4, ``classifier.1`` after a Dropout."""
+
+  def __init__(self, classes=10):
+    super().__init__()
+    mb = partial(InvertedResidual, act=nn.SiLU, se=True, se_act=nn.SiLU, scale_act=nn.Sigmoid)
+    self.features = nn.Sequential(
+        Conv2dNormActivation(3, 16, 3, 2, act=nn.SiLU, eps=1e-5),
+        nn.Sequential(mb(16, 3, 16, 8, stride=1, squeeze=4)),
+        nn.Sequential(mb(8, 3, 48, 16, stride=2, squeeze=2), mb(16, 3, 96, 16, stride=1, squeeze=4)),
+        Conv2dNormActivation(16, 64, 1, act=nn.SiLU, eps=1e-5))
+    self.avgpool = nn.AdaptiveAvgPool2d(1)
+    self.classifier = nn.Sequential(nn.Dropout(0.2, inplace=True), nn.Linear(64, classes))
+
+  def forward(self, x):
+    return self.classifier(torch.flatten(self.avgpool(self.features(x)), 1))
+
+
+class EncoderBlock(nn.Module):
+  def __init__(self, heads, dim, mlp):
+    super().__init__()
+    self.ln_1 = nn.LayerNorm(dim, eps=1e-6)
+    self.self_attention = nn.MultiheadAttention(dim, heads, batch_first=True)
+    self.dropout = nn.Dropout(0.0)
+    self.ln_2 = nn.LayerNorm(dim, eps=1e-6)
+    # torchvision's MLPBlock (an ops.MLP): Linear, GELU, Dropout, Linear, Dropout
+    self.mlp = nn.Sequential(nn.Linear(dim, mlp), nn.GELU(), nn.Dropout(0.0), nn.Linear(mlp, dim), nn.Dropout(0.0))
+
+  def forward(self, inp):
+    x = self.ln_1(inp)
+    x, _ = self.self_attention(x, x, x, need_weights=False)
+    x = self.dropout(x) + inp
+    return x + self.mlp(self.ln_2(x))
+
+
+class Encoder(nn.Module):
+  def __init__(self, seq, layers, heads, dim, mlp):
+    super().__init__()
+    self.pos_embedding = nn.Parameter(torch.empty(1, seq, dim).normal_(std=0.02))
+    self.dropout = nn.Dropout(0.0)
+    self.layers = nn.Sequential(OrderedDict((f"encoder_layer_{i}", EncoderBlock(heads, dim, mlp))
+                                            for i in range(layers)))
+    self.ln = nn.LayerNorm(dim, eps=1e-6)
+
+  def forward(self, x):
+    return self.ln(self.layers(self.dropout(x + self.pos_embedding)))
+
+
+class VisionTransformer(nn.Module):
+  """vit_b_16's layout at 16x16 pixels, patch 4, width 16, 2 layers."""
+
+  def __init__(self, image=16, patch=4, layers=2, heads=2, dim=16, mlp=24, classes=10):
+    super().__init__()
+    self.dim = dim
+    self.conv_proj = nn.Conv2d(3, dim, patch, patch)
+    self.class_token = nn.Parameter(torch.randn(1, 1, dim))  # torchvision: zeros; random so pruning has a say
+    self.encoder = Encoder((image // patch) ** 2 + 1, layers, heads, dim, mlp)
+    self.heads = nn.Sequential(OrderedDict(head=nn.Linear(dim, classes)))
+
+  def forward(self, x):
+    n = x.shape[0]
+    x = self.conv_proj(x).reshape(n, self.dim, -1).permute(0, 2, 1)
+    x = torch.cat([self.class_token.expand(n, -1, -1), x], 1)
+    return self.heads(self.encoder(x)[:, 0])
+
+
+class LSTMTagger(nn.Module):
+  def __init__(self, vocab=30, dim=8, hidden=12, classes=5):
+    super().__init__()
+    self.embedding = nn.Embedding(vocab, dim)
+    self.lstm = nn.LSTM(dim, hidden, num_layers=2, batch_first=True, bidirectional=True)
+    self.head = nn.Linear(2 * hidden, classes)
+
+  def forward(self, ids):
+    return self.head(self.lstm(self.embedding(ids))[0])
+
+
+def _fresh(cls, seed=0) -> nn.Module:
+  torch.manual_seed(seed)
+  model = cls()
+  if any(isinstance(m, nn.BatchNorm2d) for m in model.modules()):
+    with torch.no_grad():  # running statistics that are not the init's, and num_batches_tracked > 0
+      model.train()(torch.randn(4, 3, 32, 32) * 2 + 0.5)
+  return model.eval()
+
+
+def mobilenet_v3() -> nn.Module:
+  return _fresh(MobileNetV3)
+
+
+def efficientnet() -> nn.Module:
+  return _fresh(EfficientNet)
+
+
+def vit() -> nn.Module:
+  return _fresh(VisionTransformer)
+
+
+def lstm_tagger() -> nn.Module:
+  return _fresh(LSTMTagger)
+
+
+MODELS = {"mobilenet_v3": mobilenet_v3, "efficientnet": efficientnet, "vit": vit, "lstm": lstm_tagger}
+torch.manual_seed(123)
+INPUTS = {"mobilenet_v3": torch.randn(2, 3, 32, 32), "efficientnet": torch.randn(2, 3, 32, 32),
+          "vit": torch.randn(2, 3, 16, 16), "lstm": torch.randint(0, 30, (2, 7))}
+
+
+def _out(name, model) -> torch.Tensor:
+  with torch.no_grad():
+    return model(INPUTS[name])
+
+
+def _weights(model) -> list:
+  """(module, name) of every floating parameter with 2 or more dims: what "all weights" means to torch users and
+  to the CLI's default selection (conv, linear, embedding, in_proj_weight, the LSTM's weights, class/pos tokens)."""
+  return [(m, n) for m in model.modules() for n, p in m.named_parameters(recurse=False) if p.dim() >= 2]
+
+
+def torch_pruned(name) -> nn.Module:
+  """The model pruned by torch: global L1, then ln_structured on the convs (or a weight), an iterative sequence on
+  one tensor, and a 1-d tensor, so plain, re-pruned (PruningContainer) and 1-d masks all occur."""
+  model = MODELS[name]()
+  prune.global_unstructured(_weights(model), pruning_method=prune.L1Unstructured, amount=0.3)
+  convs = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
+  for conv in convs[::2]:
+    prune.ln_structured(conv, "weight", 0.25, n=2, dim=0)
+  if name == "vit":
+    again, one_d = (model.encoder.layers.encoder_layer_1.self_attention, "in_proj_weight"), (
+        model.encoder.layers.encoder_layer_0.self_attention, "in_proj_bias")
+  elif name == "lstm":
+    again, one_d = (model.lstm, "weight_hh_l1_reverse"), (model.lstm, "bias_ih_l0")
+    prune.ln_structured(model.lstm, "weight_ih_l1", 0.25, n=1, dim=1)
+  else:
+    again, one_d = (model.classifier[-1], "weight"), (model.features[0][1], "weight")
+  prune.l1_unstructured(*again, amount=0.2)
+  prune.ln_structured(*again, amount=0.25, n=1, dim=0)
+  prune.random_unstructured(*again, amount=0.1)
+  prune.l1_unstructured(*one_d, amount=0.5)
+  return model
+
+
+def _flat(tree) -> dict:
+  return {"/".join(k): v for k, v in traverse_util.flatten_dict(tree).items()}
+
+
+def _np(t: torch.Tensor) -> np.ndarray:
+  return t.detach().numpy()
+
+
+def _torch_tensors(sub) -> dict:
+  """local name -> (value X_orig or X, mask or None) of a module's own parameters, as torch holds them."""
+  out = {}
+  for local, p in sub.named_parameters(recurse=False):
+    base = local.removesuffix("_orig")
+    mask = getattr(sub, base + "_mask", None) if local.endswith("_orig") else None
+    out[base] = (_np(p), None if mask is None else _np(mask) != 0)
+  return out
+
+
+def _expected_flax(model) -> dict:
+  """Flax leaf path -> (array, mask or None, collection) for every tensor, from torch's modules and torchvision's
+  conventions alone (not from interop's spec): Dense/Conv kernels transposed, depthwise convs (k, k, 1, C),
+  norms' scale, BatchNorm statistics in batch_stats, and MultiheadAttention's packed projection and the LSTM's
+  gates kept as torch names and shapes."""
+  out = {}
+  for prefix, sub in model.named_modules():
+    path = prefix.replace(".", "/")
+    join = lambda name: f"{path}/{name}" if path else name  # noqa: E731
+    own = _torch_tensors(sub)
+    if isinstance(sub, nn.Conv2d):
+      w, m = own.pop("weight")
+      perm = (2, 3, 1, 0)
+      assert w.transpose(perm).shape == (*sub.kernel_size, sub.in_channels // sub.groups, sub.out_channels)
+      out[join("kernel")] = (w.transpose(perm), None if m is None else m.transpose(perm))
+    elif isinstance(sub, nn.Linear):  # out_proj (NonDynamicallyQuantizableLinear) too
+      w, m = own.pop("weight")
+      out[join("kernel")] = (w.T, None if m is None else m.T)
+    elif isinstance(sub, nn.Embedding):
+      out[join("embedding")] = own.pop("weight")
+    elif isinstance(sub, (nn.LayerNorm, nn.BatchNorm2d)):
+      out[join("scale")] = own.pop("weight")
+    if isinstance(sub, nn.BatchNorm2d):
+      out["batch_stats/" + join("mean")] = (_np(sub.running_mean), None)
+      out["batch_stats/" + join("var")] = (_np(sub.running_var), None)
+      out["buffers/" + join("num_batches_tracked")] = (_np(sub.num_batches_tracked), None)
+    if isinstance(sub, nn.MultiheadAttention):
+      assert set(own) == {"in_proj_weight", "in_proj_bias"} and own["in_proj_weight"][0].shape == (
+          3 * sub.embed_dim, sub.embed_dim)
+    if isinstance(sub, nn.LSTM):
+      assert set(own) == set(sub._flat_weights_names)  # weight_ih_l0, ..., bias_hh_l1_reverse
+    for local, value in own.items():  # biases, MultiheadAttention, LSTM, class_token, pos_embedding: as torch
+      out[join(local)] = value
+  return out
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_every_key_and_module_kind_lands_where_flax_expects_it(name):
+  model = torch_pruned(name)
+  sd = model.state_dict()
+  bare = interop.from_torch(sd, layout="flax")
+  by_module = interop.from_torch(sd, layout="flax", module=model)
+  for conv in (bare, by_module):
+    assert [e.key for e in conv.spec.entries] == list(sd)  # every key, in order
+    assert conv.spec.uncertain == () and conv.spec.ties == ()
+  assert bare.spec.entries == by_module.spec.entries  # inference from names and shapes agrees with the classes
+  params, masks = _flat(bare.params), _flat(bare.masks)
+  leaves = {**params, **{f"{c}/{k}": v for c, tree in bare.buffers.items() for k, v in _flat(tree).items()}}
+  expected = _expected_flax(model)
+  assert sorted(leaves) == sorted(expected)  # nothing lost, nothing extra
+  for path, (value, mask) in expected.items():
+    assert leaves[path].shape == value.shape, path
+    np.testing.assert_array_equal(np.asarray(leaves[path]), value, err_msg=path)
+    if mask is None:
+      assert path not in masks or masks[path] is jaxprune.UNMASKED, path
+    else:
+      np.testing.assert_array_equal(np.asarray(masks[path]), mask, err_msg=path)
+  kinds = {type(m).__name__ for m in model.modules()}
+  assert kinds >= {"vit": {"MultiheadAttention", "LayerNorm", "Conv2d", "Linear"},
+                   "lstm": {"LSTM", "Embedding", "Linear"}}.get(name, {"Conv2d", "BatchNorm2d", "Linear"})
+
+
+@pytest.mark.parametrize("name", MODELS)
+@pytest.mark.parametrize("layout", ["torch", "flax"])
+def test_round_trips_are_bit_identical_file_order_included(name, layout, tmp_path):
+  model = torch_pruned(name)
+  sd = model.state_dict()
+  conv = interop.from_torch(sd, layout=layout)
+  assert interop.diff_state_dicts(interop.to_torch(*conv), sd) == []
+  by_module = interop.to_torch(conv.params, conv.masks, conv.buffers, layout=layout, module=torch_pruned(name))
+  assert interop.diff_state_dicts(by_module, sd) == []
+  # No spec, no module: keys from the pytree's paths, Flax names mapped back by the rules
+  bare = interop.to_torch(conv.params, conv.masks, conv.buffers, layout=layout)
+  assert interop.diff_state_dicts(bare, sd, order=False) == [] or name in ("mobilenet_v3", "efficientnet")
+  assert sorted(bare) == sorted(sd)
+  # A file from safetensors' own save_file (keys sorted) comes back in its own order, bit for bit
+  foreign = tmp_path / "foreign.safetensors"
+  safetensors.torch.save_file(sd, str(foreign))
+  loaded = interop.load_state_dict(foreign)
+  assert list(loaded) == list(interop.io.read_header(foreign).tensors) != list(sd)
+  back = tmp_path / "back.safetensors"
+  interop.save_state_dict(interop.to_torch(*interop.from_torch(loaded, layout=layout)), back)
+  assert list(interop.io.read_header(back).tensors) == list(loaded)
+  assert interop.diff_state_dicts(interop.load_state_dict(back), loaded) == []
+
+
+def _removed(name) -> nn.Module:
+  """torch's prune.remove on every pruned tensor: the permanent model (a pruned model cannot be deep-copied)."""
+  model = torch_pruned(name)
+  for m in model.modules():
+    for n in [n.removesuffix("_orig") for n, _ in m.named_parameters(recurse=False) if n.endswith("_orig")]:
+      prune.remove(m, n)
+  return model
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_load_pruned_and_permanent_give_the_pruned_models_outputs(name):
+  model = torch_pruned(name)
+  expected = _out(name, model)
+  sd = interop.to_torch(*interop.from_torch(model.state_dict(), layout="flax"))
+  fresh = interop.load_pruned(MODELS[name](), sd)
+  assert torch.equal(_out(name, fresh), expected)
+  conv = interop.from_torch(model.state_dict(), layout="flax")
+  plain = interop.to_torch(*conv, permanent=True)
+  removed = _removed(name)
+  assert interop.diff_state_dicts(plain, removed.state_dict(), order=False) == []  # what prune.remove leaves
+  loaded = MODELS[name]()
+  loaded.load_state_dict(plain)
+  assert torch.equal(_out(name, loaded), expected) and torch.equal(_out(name, removed), expected)
+
+
+@pytest.mark.parametrize("name", ["vit", "lstm"])
+def test_global_l1_in_jax_equals_torchs(name):
+  """in_proj_weight and the LSTM's gate weights ranked with every other weight, in Flax layout, give torch's
+  masks (torch's layout, transposes undone)."""
+  model = MODELS[name]()
+  conv = interop.from_torch(model.state_dict(), layout="flax")
+  masks = jaxprune.global_unstructured(conv.params, 0.3, masks=conv.masks)
+  ours = interop.to_torch(conv.params, masks, conv.buffers, conv.spec)
+  reference = MODELS[name]()
+  prune.global_unstructured(_weights(reference), pruning_method=prune.L1Unstructured, amount=0.3)
+  theirs = reference.state_dict()
+  assert interop.diff_state_dicts(ours, theirs, order=False) == []
+  assert any(k.endswith("in_proj_weight_mask") or k.endswith("weight_hh_l0_mask") for k in ours)
+
+
+def _cli_json(capsys, *argv) -> dict:
+  capsys.readouterr()
+  assert cli.main([*map(str, argv), "--json"]) == 0
+  return json.loads(capsys.readouterr().out)
+
+
+def _effective_zeros(model) -> dict:
+  """torch name -> zeros of each parameter as torch computes it (X_mask * X_orig); buffers are not counted."""
+  sd = model.state_dict()
+  out = {}
+  for key, value in sd.items():
+    if key.endswith("_mask") or key.removesuffix("_orig") in dict(model.named_buffers()):
+      continue
+    base = key.removesuffix("_orig")
+    effective = value * sd[base + "_mask"] if key.endswith("_orig") else value
+    out[base] = int((effective == 0).sum())
+  return out
+
+
+@pytest.mark.parametrize("name", ["vit", "lstm", "mobilenet_v3"])
+def test_cli_inspects_prunes_and_converts_the_same_files(name, tmp_path, capsys):
+  model = torch_pruned(name)
+  sd = model.state_dict()
+  torch.save(sd, tmp_path / "pruned.pt")
+  report = _cli_json(capsys, "inspect", tmp_path / "pruned.pt")
+  assert {r["name"].removesuffix("_orig"): r["zeros"] for r in report["tensors"]} == _effective_zeros(model)
+
+  # --global l1 on the unpruned file: the CLI's default selection, ranked as torch ranks it
+  torch.save(MODELS[name]().state_dict(), tmp_path / "plain.pt")
+  pruned = _cli_json(capsys, "prune", tmp_path / "plain.pt", "-o", tmp_path / "g.pt", "--method", "l1", "--global",
+                     "--amount", "0.3")
+  reference = MODELS[name]()
+  assert sorted(pruned["selected"]) == sorted(f"{p}.{n}" if p else n for p, m in reference.named_modules()
+                                for n, t in m.named_parameters(recurse=False) if t.dim() >= 2)
+  prune.global_unstructured(_weights(reference), pruning_method=prune.L1Unstructured, amount=0.3)
+  assert interop.diff_state_dicts(torch.load(tmp_path / "g.pt", weights_only=True), reference.state_dict(),
+                                  order=False) == []
+
+  # ln on the torch-pruned file continues torch's pruning (its PruningContainer: amounts of what is left)
+  target = {"vit": ("encoder.layers.encoder_layer_0.self_attention", "in_proj_weight"),
+            "lstm": ("lstm", "weight_ih_l0"), "mobilenet_v3": ("features.3.block.1.0", "weight")}[name]
+  _cli_json(capsys, "prune", tmp_path / "pruned.pt", "-o", tmp_path / "ln.pt", "--method", "ln", "--axis", "0",
+            "--amount", "0.25", "--include", rf"^{target[0]}\.{target[1]}$")
+  prune.ln_structured(model.get_submodule(target[0]), target[1], 0.25, n=2, dim=0)
+  assert interop.diff_state_dicts(torch.load(tmp_path / "ln.pt", weights_only=True), model.state_dict()) == []
+
+  # convert to the Flax layout and back: torch's file again, bit for bit; MultiheadAttention and LSTM as torch
+  flax_file = tmp_path / "flax.safetensors"
+  report = _cli_json(capsys, "convert", tmp_path / "pruned.pt", flax_file, "--layout", "flax")
+  assert report["uncertain"] == []
+  shapes = {r["name"]: tuple(r["shape"]) for r in report["tensors"]}
+  assert shapes == {k: v.shape for k, (v, _) in _expected_flax(torch_pruned(name)).items()
+                    if not k.startswith(("batch_stats/", "buffers/"))}
+  by_module = _cli_json(capsys, "convert", tmp_path / "pruned.pt", tmp_path / "m.safetensors", "--layout", "flax",
+                        "--module", f"tests.test_interop_torch_modules:{MODELS[name].__name__}")
+  assert by_module["tensors"] == report["tensors"]
+  _cli_json(capsys, "convert", flax_file, tmp_path / "back.pt", "--layout", "torch")
+  assert interop.diff_state_dicts(torch.load(tmp_path / "back.pt", weights_only=True), sd) == []
+

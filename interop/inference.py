@@ -8,13 +8,15 @@ Without a torch module, a module's tensor names and ranks often fit several rule
    ``matches``);
 2. the module's name: a rule's ``names`` regex (``wte``, ``*_embeddings``, ``c_attn``, ``query``, ...);
 3. neighbours: the rule every other module under the same parent got by 1 or 2 (GPT-2's square ``attn.c_proj``
-   beside ``attn.c_attn``); for a bare 2-d weight, a first axis as long as a vocabulary (an embedding found by 1
-   or 2) means an embedding;
+   beside ``attn.c_attn``), in doubt for a bare 2-d weight (a Linear beside it does not tell a bias-free Linear
+   from an Embedding); for a bare 2-d weight, a first axis as long as a vocabulary (an embedding found by 1 or 2)
+   means an embedding;
 4. otherwise the first rule that fits: in doubt when a module of the checkpoint was found to be of one of the
    other kinds, or when it is a bare 2-d weight (a bias-free Linear or an Embedding).
 
-Every module decided at step 3 from a vocabulary or at step 4 with doubt is reported (its keys, and what else it
-could be), never guessed silently; a ``where`` rule or ``module=`` settles it.
+Every module decided at step 3 from a vocabulary or from the neighbours of a bare 2-d weight, or at step 4 with
+doubt, is reported (its keys, and what else it could be), never guessed silently; a ``where`` rule or
+``module=`` settles it.
 """
 from __future__ import annotations
 
@@ -72,16 +74,20 @@ def infer(rules: Sequence[LayoutRule], modules: Mapping[str, Shapes]
       siblings.setdefault(_parent(path), set()).add(rule.kind)
   for path, fitting in pending.items():
     kinds = [rule.kind for rule in fitting]
+    bare = "embedding" in kinds and set(modules[path]) == {"weight"}  # a bias-free Linear or an Embedding
     near = siblings.get(_parent(path), set()) & set(kinds)
     weight = modules[path].get("weight", ())
     if len(near) == 1:
-      out[path] = (fitting[kinds.index(near.pop())], None)
-    elif "embedding" in kinds and set(modules[path]) == {"weight"} and weight[0] in vocabularies:
+      kind = near.pop()
+      # Siblings tell a Linear from a Conv1D (the same tensors, other axes), not from an Embedding
+      # (pytorch/examples' language model: an `encoder` Embedding beside a `decoder` Linear): a guess, so said.
+      doubt = f"taken for {kind} like its siblings; could be {' or '.join(k for k in kinds if k != kind)}"
+      out[path] = (fitting[kinds.index(kind)], doubt if bare else None)
+    elif bare and weight[0] in vocabularies:
       out[path] = (fitting[kinds.index("embedding")], f"its first axis ({weight[0]}) is a vocabulary's, so "
                    f"taken for an embedding; could be {' or '.join(k for k in kinds if k != 'embedding')}")
     else:
       others = kinds[1:]
-      bare = "embedding" in others and set(modules[path]) == {"weight"}  # a bias-free Linear or an Embedding
       doubt = f"taken for {kinds[0]}; could be {' or '.join(others)}" if bare or found & set(others) else None
       out[path] = (fitting[0], doubt)
   return out

@@ -445,3 +445,45 @@ def test_cli_inspects_prunes_and_converts_the_same_files(name, tmp_path, capsys)
   _cli_json(capsys, "convert", flax_file, tmp_path / "back.pt", "--layout", "torch")
   assert interop.diff_state_dicts(torch.load(tmp_path / "back.pt", weights_only=True), sd) == []
 
+
+class RNNModel(nn.Module):
+  """pytorch/examples' word_language_model (``encoder`` Embedding, ``rnn`` LSTM, ``decoder`` Linear, weights tied
+  with ``--tied``): no module name says which 2-d weight is the embedding."""
+
+  def __init__(self, ntoken=33, ninp=12, nhid=12, nlayers=2, tie_weights=False):
+    super().__init__()
+    self.drop = nn.Dropout(0.0)
+    self.encoder = nn.Embedding(ntoken, ninp)
+    self.rnn = nn.LSTM(ninp, nhid, nlayers)
+    self.decoder = nn.Linear(nhid, ntoken)
+    if tie_weights:
+      self.decoder.weight = self.encoder.weight
+
+  def forward(self, x):
+    return self.decoder(self.drop(self.rnn(self.drop(self.encoder(x)))[0]))
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_an_embedding_beside_linears_is_reported_not_taken_for_a_linear(tied, tmp_path, capsys):
+  """A bias-free 2-d weight could be a Linear or an Embedding: a Linear sibling does not settle it. Before, the
+  word_language_model's ``encoder.weight`` took its sibling ``decoder``'s kind and became a transposed Dense
+  kernel with nothing in ``spec.uncertain``."""
+  torch.manual_seed(0)
+  model = RNNModel(tie_weights=tied).eval()
+  sd = model.state_dict()
+  bare = interop.from_torch(sd, layout="flax")
+  assert [key for key, _ in bare.spec.uncertain] == ["encoder.weight"]
+  assert "could be" in dict(bare.spec.uncertain)["encoder.weight"] and "embedding" in dict(
+      bare.spec.uncertain)["encoder.weight"]
+  by_module = interop.from_torch(sd, layout="flax", module=model)
+  by_rule = interop.from_torch(sd, layout="flax", rules=[interop.rule_for("embedding", r"^encoder$")])
+  assert by_module.spec.uncertain == by_rule.spec.uncertain == () and by_module.spec.entries == by_rule.spec.entries
+  np.testing.assert_array_equal(np.asarray(by_module.params["encoder"]["embedding"]), _np(model.encoder.weight))
+  assert by_module.spec.ties == ((("encoder.weight", "decoder.weight"),) if tied else ())
+  for conv in (bare, by_module):
+    assert interop.diff_state_dicts(interop.to_torch(*conv), sd) == []
+  interop.save_state_dict(sd, tmp_path / "lm.safetensors")
+  assert cli.main(["convert", str(tmp_path / "lm.safetensors"), str(tmp_path / "f.safetensors"), "--layout",
+                   "flax"]) == 0
+  out = capsys.readouterr().out
+  assert "uncertain layout (1 keys" in out and "encoder.weight: taken for linear" in out

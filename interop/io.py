@@ -484,22 +484,60 @@ mapped file are then 64-byte aligned (all but those after a tensor of an odd siz
 to use their memory as it is rather than copy it."""
 
 
-def _safetensors_arrays(state_dict: Mapping[str, Any], path: str) -> dict[str, np.ndarray]:
+class Deferred(NamedTuple):
+  """A tensor to write, known by its dtype and shape until the writer asks for it: ``make()`` returns the array
+  (dtype and shape as said), made then and dropped once written, so a writer of deferred tensors holds one at a
+  time (``jaxprune convert --layout flax`` converts a checkpoint larger than memory this way)."""
+  dtype: np.dtype
+  shape: tuple[int, ...]
+  make: Callable[[], np.ndarray]
+
+  @property
+  def nbytes(self) -> int:
+    return math.prod(self.shape) * self.dtype.itemsize
+
+
+def _check_storable(name: str, dtype: np.dtype, path: str) -> None:
+  if dtype.name not in _SAFETENSORS_CODES:
+    raise DTypeError(f"{path}: tensor {name!r} is {dtype.name}, which safetensors cannot store; write a torch "
+                     "checkpoint (.pt) instead")
+
+
+def _storable(name: str, array: np.ndarray, path: str) -> np.ndarray:
+  """``array`` as safetensors stores it (C-contiguous, little-endian), or a DTypeError naming ``name``."""
+  _check_storable(name, array.dtype, path)
+  if array.dtype.byteorder == ">":  # safetensors is little-endian
+    array = array.astype(array.dtype.newbyteorder("<"))
+  return np.require(array, requirements="C")
+
+
+def _safetensors_arrays(state_dict: Mapping[str, Any], path: str) -> dict[str, Any]:
+  """Arrays (and :class:`Deferred` tensors, their dtype checked now) ready to write, every dtype checked."""
   arrays = {}
   for name, value in state_dict.items():
-    array = devices.host_view(value)
-    if array.dtype.name not in _SAFETENSORS_CODES:
-      raise DTypeError(f"{path}: tensor {name!r} is {array.dtype.name}, which safetensors cannot store; write a "
-                       "torch checkpoint (.pt) instead")
-    if array.dtype.byteorder == ">":  # safetensors is little-endian
-      array = array.astype(array.dtype.newbyteorder("<"))
-    arrays[name] = np.require(array, requirements="C")
+    if isinstance(value, Deferred):
+      _check_storable(name, value.dtype, path)
+      arrays[name] = value
+    else:
+      arrays[name] = _storable(name, devices.host_view(value), path)
   return arrays
 
 
-def write_safetensors(arrays: Mapping[str, np.ndarray], path: str, metadata: Mapping[str, str],
+def _made(name: str, value: Any, path: str) -> np.ndarray:
+  """The array to write for ``value``: itself, or what a :class:`Deferred` makes (which must match its header)."""
+  if not isinstance(value, Deferred):
+    return value
+  array = _storable(name, value.make(), path)
+  if array.shape != tuple(value.shape) or array.dtype.name != value.dtype.name:
+    raise ValueError(f"{path}: tensor {name!r} was announced as {value.dtype.name} {tuple(value.shape)} but made "
+                     f"as {array.dtype.name} {array.shape}")
+  return array
+
+
+def write_safetensors(arrays: Mapping[str, Any], path: str, metadata: Mapping[str, str],
                       done: Optional[Callable[[np.ndarray], None]] = None) -> None:
-  """A safetensors file with header and data in ``arrays``' order (C-contiguous little-endian arrays).
+  """A safetensors file with header and data in ``arrays``' order (C-contiguous little-endian arrays, or
+  :class:`Deferred` tensors, each made when its turn comes and let go once written).
 
   ``done(array)`` is called once each array is written (:class:`interop.pages.PageDropper` then gives back the
   pages of a mapped input: converting a file larger than memory holds one tensor at a time).
@@ -515,10 +553,12 @@ def write_safetensors(arrays: Mapping[str, np.ndarray], path: str, metadata: Map
   with open(path, "wb") as f:
     f.write(len(raw).to_bytes(8, "little"))
     f.write(raw)
-    for array in arrays.values():
+    for name, value in arrays.items():
+      array = _made(name, value, path)
       f.write(array.reshape(-1).view(np.uint8).data)
       if done is not None:
         done(array)
+      del array  # before the next one is made: one made tensor at a time
 
 
 Writer = Callable[[str], None]

@@ -7,8 +7,9 @@ Any input may also be a sharded checkpoint as Hugging Face ships them (``model.s
 ``pytorch_model.bin.index.json`` and its shards; the index or its folder), and any output too: OUT named as an
 index, or a folder (``--max-shard-size`` sets the shards' size, 5GB by default), written whole and atomically
 (:mod:`interop.shards`). Inputs are memory-mapped and given back tensor by tensor (:mod:`interop.pages`), so
-``inspect`` holds a few MiB of a checkpoint at a time and ``convert --layout torch`` converts a checkpoint larger
-than memory.
+``inspect`` holds a few MiB of a checkpoint at a time, and ``convert`` (``--layout torch``, and ``--layout flax``
+into safetensors, converted tensor by tensor with numpy: :mod:`interop.streaming`) about one tensor: a checkpoint
+larger than memory converts shard by shard.
 * ``jaxprune prune IN -o OUT --method l1|random|ln|nm ...``: prunes with jaxprune's engine (torch's exact
   semantics) and writes a checkpoint that torch loads: ``X_orig`` + ``X_mask`` pairs, or plain tensors with
   ``--permanent``.
@@ -28,8 +29,8 @@ another folder.
 ``interop`` (and, through it, torch for ``.pt`` files) and Orbax are imported only by the commands that need them,
 so ``import jaxprune`` never pulls in torch and a safetensors-only install runs every command but ``.pt`` I/O.
 
-Start-up: JAX (and flax) are imported only by what makes JAX arrays: ``prune``, ``convert --layout flax``, and the
-reading of a JAX-form checkpoint. ``inspect`` of a torch-form file reads and counts with numpy (and torch for a
+Start-up: JAX (and flax) are imported only by what makes JAX arrays: ``prune``, ``convert --layout flax`` to an
+Orbax directory, and the reading of a JAX-form checkpoint. ``inspect`` of a torch-form file reads and counts with numpy (and torch for a
 ``.pt``), so it starts in well under a second. ``prune`` and ``convert`` keep what XLA compiles in JAX's
 persistent compilation cache (:func:`use_compilation_cache`), so running the same command again compiles nothing.
 """
@@ -404,26 +405,34 @@ def _jax_trees(state_dict: dict, how: FlaxLayout, done: Optional[Callable[[Any],
 
 
 def write_flax(state_dict: dict, target: Target, how: FlaxLayout = FlaxLayout(),
-               done: Optional[Callable[[Any], None]] = None) -> None:
+               done: Optional[Callable[[Any], None]] = None, spec: Any = None) -> None:
   """The JAX form: a ``.safetensors`` file with ``/``-joined keys (``/`` and ``%`` inside a key part escaped as
-  ``%2F``, ``%25``), sharded safetensors (the metadata in the index), or else an Orbax checkpoint directory."""
-  import interop  # pylint: disable=import-outside-toplevel
-  from flax import traverse_util  # pylint: disable=import-outside-toplevel
-  trees, spec = _jax_trees(state_dict, how, done)
+  ``%2F``, ``%25``), sharded safetensors (the metadata in the index), or else an Orbax checkpoint directory.
+
+  The safetensors forms are converted and written tensor by tensor, with numpy (:mod:`interop.streaming`), so they
+  hold about one tensor of the checkpoint. They need ``spec``, the state_dict's, checked (:func:`_checked`, then
+  :func:`interop.streaming.check_tied_masks`). Orbax takes the whole trees at once, as JAX arrays."""
   path = target.path
-  metadata = {"format": "flax", FORMAT_KEY: "flax", SPEC_KEY: spec}
-  if target.index is not None or path.endswith(SAFETENSORS):
-    flat = {"/".join(map(_escape, p)): v for p, v in traverse_util.flatten_dict(trees).items()}
-    if target.index is not None:
-      write_sharded(flat, target, metadata, done)
-    else:
-      write_atomically(path, interop.io.file_writer(flat, path, metadata, done))
+  if target.index is None and not path.endswith(SAFETENSORS):
+    _write_orbax(state_dict, path, how, done)
     return
+  import interop  # pylint: disable=import-outside-toplevel
+  from interop import streaming  # pylint: disable=import-outside-toplevel
+  metadata = {"format": "flax", FORMAT_KEY: "flax", SPEC_KEY: spec.to_json()}
+  flat = {"/".join(map(_escape, p)): v for p, v in streaming.flax_tensors(state_dict, spec, done).items()}
+  if target.index is not None:
+    write_sharded(flat, target, metadata, done)
+  else:
+    write_atomically(path, interop.io.file_writer(flat, path, metadata, done))
+
+
+def _write_orbax(state_dict: dict, path: str, how: FlaxLayout, done: Optional[Callable[[Any], None]]) -> None:
   try:
     import orbax.checkpoint as ocp  # pylint: disable=import-outside-toplevel
   except ImportError as err:
     raise UserError(f"{path}: writing an Orbax checkpoint needs orbax-checkpoint (pip install 'jaxprune[orbax]'); "
                     f"or write {SAFETENSORS}") from err
+  trees, spec = _jax_trees(state_dict, how, done)
   args = ocp.args.Composite(state=ocp.args.StandardSave(trees), meta=ocp.args.JsonSave({FORMAT_KEY: "flax",
                                                                                          SPEC_KEY: spec}))
 
@@ -535,10 +544,17 @@ def _finite(data: Any) -> Any:
   return data
 
 
-@_gc_paused()
 def _report(state_dict: dict, layout: str, how: FlaxLayout = FlaxLayout(),
             done: Optional[Callable[[Any], None]] = None) -> dict:
-  """Per-tensor rows and totals of a torch-form state_dict, named as in ``layout``, in the checkpoint's order.
+  """Per-tensor rows and totals of a torch-form state_dict, named as in ``layout``, in the checkpoint's order
+  (see :func:`_checked`)."""
+  return _checked(state_dict, layout, how, done)[1]
+
+
+@_gc_paused()
+def _checked(state_dict: dict, layout: str, how: FlaxLayout = FlaxLayout(),
+             done: Optional[Callable[[Any], None]] = None) -> tuple[Any, dict]:
+  """The spec of a torch-form state_dict in ``layout`` and its report (:func:`_report`).
 
   Everything ``from_torch`` checks is checked (so a command that writes validates its whole output first), but
   the counting runs in numpy on the host: a checkpoint of many small tensors needs no device transfer per tensor.
@@ -554,10 +570,11 @@ def _report(state_dict: dict, layout: str, how: FlaxLayout = FlaxLayout(),
   pruned = [r for r in rows if r["pruned"]]
   pruned_size = sum(r["size"] for r in pruned)
   buffers = sum(e.role == "buffer" for e in spec.entries)
-  return {"layout": layout, "tensors": rows, "buffers": buffers, "size": size, "ties": [list(g) for g in spec.ties],
-          "uncertain": [{"key": key, "note": note} for key, note in spec.uncertain],
-          "zeros": zeros, "sparsity": zeros / size if size else 0.0, "pruned_tensors": len(pruned),
-          "pruned_sparsity": sum(r["zeros"] for r in pruned) / pruned_size if pruned_size else None}
+  return spec, {"layout": layout, "tensors": rows, "buffers": buffers, "size": size,
+                "ties": [list(g) for g in spec.ties],
+                "uncertain": [{"key": key, "note": note} for key, note in spec.uncertain],
+                "zeros": zeros, "sparsity": zeros / size if size else 0.0, "pruned_tensors": len(pruned),
+                "pruned_sparsity": sum(r["zeros"] for r in pruned) / pruned_size if pruned_size else None}
 
 
 def _table(report: dict, title: str) -> Table:
@@ -870,20 +887,23 @@ def cmd_convert(args, out: Output) -> None:
   check_output(target, args.force)
   if args.layout == "torch" and (args.module or args.layout_rules):
     raise UserError("--module and --layout-rules say how to write the Flax layout; they need --layout flax")
-  if args.layout == "flax":  # only the JAX form needs JAX: torch -> torch runs on numpy and imports no JAX
-    use_compilation_cache(args.cache_dir, args.no_cache)
+  if args.layout == "flax" and target.index is None and not args.output.endswith(SAFETENSORS):
+    use_compilation_cache(args.cache_dir, args.no_cache)  # only Orbax needs JAX arrays; safetensors are numpy's
   module = _factory(args.module)
   with out.status(f"reading {args.input}"):
     loaded = read_checkpoint(args.input, args.key)
   how = FlaxLayout(module, _layout_rules(args.layout_rules, loaded.state_dict))
   with _dropping(loaded) as done:  # a mapped input is given back tensor by tensor: counted, then written
     with _naming(args.input):  # validates the whole checkpoint before anything is written
-      report = _report(loaded.state_dict, args.layout, how, done)
+      spec, report = _checked(loaded.state_dict, args.layout, how, done)
+      if args.layout == "flax":
+        from interop import streaming  # pylint: disable=import-outside-toplevel
+        streaming.check_tied_masks(loaded.state_dict, spec, done)
     with out.status(f"writing {args.output}"):
       if args.layout == "torch":
         write_torch(loaded.state_dict, target, done)
       else:
-        write_flax(loaded.state_dict, target, how, done)
+        write_flax(loaded.state_dict, target, how, done, spec)
   kind = ("sharded checkpoint" if target.index is not None else
           "Orbax directory" if os.path.isdir(args.output) else "file")
   out.emit({"input": args.input, "output": args.output, "from": loaded.layout, "to": args.layout, **report},

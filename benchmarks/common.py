@@ -61,7 +61,17 @@ def _cpu_model() -> str:
 
 def cpu_summary() -> str:
   """The CPU model and core count, e.g. ``AMD EPYC 7B13, 2 cores``."""
-  return f"{_cpu_model()}, {os.cpu_count()} cores"
+  return f"{_cpu_model()}, {os.cpu_count()} cores{allocator_note()}"
+
+
+def allocator_note() -> str:
+  """``", LD_PRELOAD=libtcmalloc..."`` when another allocator replaces glibc's malloc, else nothing.
+
+  XLA:CPU allocates each call's scratch with ``malloc``; glibc maps blocks over 32 MiB afresh on every call and
+  the kernel zeroes their pages, which tcmalloc does not, so the allocator changes the figures of large steps.
+  """
+  preload = os.environ.get("LD_PRELOAD", "")
+  return f", LD_PRELOAD={os.path.basename(preload)}" if preload else ""
 
 
 def _version(package: str) -> str | None:
@@ -96,7 +106,7 @@ def machine_line(info: dict[str, Any]) -> str:
   """The machine in one line, for table captions."""
   versions = ", ".join(f"{p} {v}" for p, v in info["versions"].items() if v and p != "numpy")
   gpu = f", GPU: {info['gpu']}" if info["gpu"] else ", no GPU"
-  return (f"{info['cpu']}, {info['cores_usable']} cores, {info['memory_gb']} GiB{gpu}; JAX backend "
+  return (f"{info['cpu']}, {info['cores_usable']} cores, {info['memory_gb']} GiB{gpu}{allocator_note()}; JAX backend "
           f"{info['jax_backend']}; {versions}; torch threads {info['torch_threads']}")
 
 

@@ -4,8 +4,9 @@ Without a torch module, a module's tensor names and ranks often fit several rule
 ``bias`` is a Linear (out, in) or a Hugging Face ``Conv1D`` (in, out); a 2-d ``weight`` alone is also an Embedding
 (vocab, dim). The evidence, strongest first:
 
-1. shapes: a bias as long as the weight's axis 0 is a Linear's, as long as axis 1 a ``Conv1D``'s (rule
-   ``matches``);
+1. shapes: a bias as long as the weight's axis 0 is a Linear's or a Conv's, as long as axis 1 a ``Conv1D``'s
+   (rule ``matches``); a module whose shapes fit no rule (a ConvTranspose's bias is as long as its weight's axis
+   1) keeps torch's layout, in doubt;
 2. the module's name: a rule's ``names`` regex (``wte``, ``*_embeddings``, ``c_attn``, ``query``, ...);
 3. neighbours: the rule every other module under the same parent got by 1 or 2 (GPT-2's square ``attn.c_proj``
    beside ``attn.c_attn``), in doubt for a bare 2-d weight (a Linear beside it does not tell a bias-free Linear
@@ -59,7 +60,11 @@ def infer(rules: Sequence[LayoutRule], modules: Mapping[str, Shapes]
     kind = frozenset((name, len(shape)) for name, shape in shapes.items())
     if kind not in cache:
       cache[kind] = layouts.covering(rules, dict(kind))
-    fitting = _distinct([rule for rule in cache[kind] if layouts.consistent(rule, shapes)] or cache[kind], shapes)
+    fitting = _distinct([rule for rule in cache[kind] if layouts.consistent(rule, shapes)], shapes)
+    if cache[kind] and not fitting:  # names and ranks fit, shapes do not: a ConvTranspose's bias is its axis 1's
+      out[path] = (None, f"its shapes fit no {' or '.join(r.kind for r in cache[kind])} layout (a bias as long as "
+                   "no axis that rule expects, as a ConvTranspose's), so kept in torch's layout")
+      continue
     fitting = _by_name(fitting, path)[:1] or fitting
     if len(fitting) <= 1:
       out[path] = (next(iter(fitting), None), None)

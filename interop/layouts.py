@@ -93,7 +93,7 @@ LINEAR_RULE = LayoutRule("linear", {
                          names=r"(^|\.)(?!c_)(\w*_)?(head|classifier|proj|dense|query|key|value|fc\d*|linear\d*)$")
 CONV_RULE = LayoutRule("conv", {
     "weight": TensorMap("params", "kernel", CONV, ndims=(3, 4, 5)),
-    "bias": TensorMap("params", "bias", ndims=(1,)),
+    "bias": TensorMap("params", "bias", ndims=(1,), matches=("weight", 0)),  # a ConvTranspose's: axis 1 * groups
 }, torch_types=("Conv1d", "Conv2d", "Conv3d"))
 NORM_RULE = LayoutRule("norm", {"weight": TensorMap("params", "scale"),
                                 "bias": TensorMap("params", "bias", matches=("weight", None))},

@@ -487,3 +487,39 @@ def test_an_embedding_beside_linears_is_reported_not_taken_for_a_linear(tied, tm
                    "flax"]) == 0
   out = capsys.readouterr().out
   assert "uncertain layout (1 keys" in out and "encoder.weight: taken for linear" in out
+
+
+def _modules_without_rules() -> nn.ModuleDict:
+  torch.manual_seed(0)
+  return nn.ModuleDict({
+      "encoder": nn.TransformerEncoder(nn.TransformerEncoderLayer(16, 2, 24, dropout=0.0, batch_first=True), 2,
+                                       enable_nested_tensor=False),
+      "cross": nn.MultiheadAttention(8, 2, kdim=6, vdim=5, add_bias_kv=True),  # q/k/v_proj_weight, bias_k/v
+      "gru": nn.GRU(4, 6), "rnn": nn.RNN(4, 6, 2, bias=False), "lstmp": nn.LSTM(4, 6, proj_size=3),
+      "up": nn.ConvTranspose2d(4, 6, 3, stride=2),  # weight (in, out, k, k), bias (out,)
+  })
+
+
+def test_modules_without_a_rule_keep_torchs_layout_with_or_without_the_module():
+  """MultiheadAttention (packed or separate projections), RNNs, ConvTranspose: torch's names and shapes in Flax
+  layout whether the classes are known (module=) or only the state_dict is. Before, a ConvTranspose2d's weight
+  read as a Conv's without module= and was silently transposed to (k, k, out, in)."""
+  model = _modules_without_rules()
+  prune.l1_unstructured(model["up"], "weight", 0.3)
+  prune.l1_unstructured(model["cross"], "k_proj_weight", 0.3)
+  sd = model.state_dict()
+  by_module = interop.from_torch(sd, layout="flax", module=model)
+  bare = interop.from_torch(sd, layout="flax")
+  assert [(e.key, e.path, e.perm) for e in bare.spec.entries] == [(e.key, e.path, e.perm)
+                                                                  for e in by_module.spec.entries]
+  kept = {e.key for e in by_module.spec.entries
+          if e.path[-1] == e.key.rpartition(".")[2].removesuffix("_orig") and not e.perm}
+  assert {"cross.k_proj_weight_orig", "cross.bias_k", "up.weight_orig", "gru.weight_hh_l0", "lstmp.weight_hr_l0",
+          "encoder.layers.1.self_attn.in_proj_weight"} <= kept
+  assert by_module.spec.uncertain == ()
+  assert sorted(key for key, _ in bare.spec.uncertain) == ["up.bias", "up.weight_orig"]
+  assert "kept in torch's layout" in bare.spec.uncertain[0][1]
+  for conv in (bare, by_module):
+    assert interop.diff_state_dicts(interop.to_torch(*conv), sd) == []
+  back = interop.to_torch(bare.params, bare.masks, bare.buffers, layout="flax")  # no spec: names say torch's
+  assert interop.diff_state_dicts(back, sd, order=False) == []

@@ -531,3 +531,57 @@ def test_modules_without_a_rule_keep_torchs_layout_with_or_without_the_module():
     assert interop.diff_state_dicts(interop.to_torch(*conv), sd) == []
   back = interop.to_torch(bare.params, bare.masks, bare.buffers, layout="flax")  # no spec: names say torch's
   assert interop.diff_state_dicts(back, sd, order=False) == []
+
+
+def test_a_pruned_mobilenet_bottleneck_runs_in_flax_like_in_torch():
+  """features.3 (expand, depthwise 5x5 stride 2, SqueezeExcitation, project), converted with no module: the Flax
+  layout's kernels run in flax.linen's Conv (feature_group_count=C for the depthwise one) and BatchNorm."""
+  import flax.linen as fnn  # pylint: disable=import-outside-toplevel
+  import jax  # pylint: disable=import-outside-toplevel
+
+  class CNA(fnn.Module):
+    features: int
+    k: int
+    stride: int = 1
+    groups: int = 1
+    act: object = None
+
+    @fnn.compact
+    def __call__(self, x):
+      pad = (self.k - 1) // 2
+      x = fnn.Conv(self.features, (self.k, self.k), self.stride, padding=[(pad, pad)] * 2,
+                   feature_group_count=self.groups, use_bias=False, name="0")(x)
+      x = fnn.BatchNorm(use_running_average=True, epsilon=1e-3, name="1")(x)
+      return x if self.act is None else self.act(x)
+
+  class SE(fnn.Module):
+    @fnn.compact
+    def __call__(self, x):
+      s = x.mean(axis=(1, 2), keepdims=True)
+      s = fnn.Conv(16, (1, 1), name="fc1")(s)
+      s = fnn.Conv(x.shape[-1], (1, 1), name="fc2")(jax.nn.relu(s))
+      return jax.nn.hard_sigmoid(s) * x
+
+  class Block(fnn.Module):
+    @fnn.compact
+    def __call__(self, x):
+      x = CNA(40, 1, act=jax.nn.hard_swish, name="0")(x)
+      x = CNA(40, 5, 2, 40, act=jax.nn.hard_swish, name="1")(x)
+      return CNA(24, 1, name="3")(SE(name="2")(x))
+
+  class Bottleneck(fnn.Module):
+    @fnn.compact
+    def __call__(self, x):
+      return Block(name="block")(x)
+
+  model = torch_pruned("mobilenet_v3")
+  bottleneck = model.features[3]
+  x = torch.randn(2, 16, 8, 8)
+  with torch.no_grad():
+    expected = bottleneck(x).permute(0, 2, 3, 1).numpy()
+  conv = interop.from_torch(bottleneck.state_dict(), layout="flax")
+  assert conv.params["block"]["1"]["0"]["kernel"].shape == (5, 5, 1, 40)  # depthwise: I/groups = 1
+  variables = conv.variables()
+  del variables["buffers"]  # num_batches_tracked: torch's counter, no Flax variable
+  out = jax.jit(Bottleneck().apply)(variables, x.permute(0, 2, 3, 1).numpy())  # one compile, not one per op
+  np.testing.assert_allclose(np.asarray(out), expected, rtol=1e-5, atol=1e-5)

@@ -82,7 +82,8 @@ class InvertedResidual(nn.Module):
 
 
 class MobileNetV3(nn.Module):
-  """mobilenet_v3_small's first three bottlenecks (SE without expansion, expansion without SE, both, hardswish)."""
+  """mobilenet_v3_small's stem, its three kinds of bottleneck, narrower (SE without expansion, expansion without
+  SE, both with hardswish), the last 1x1 conv (6x) and classifier.0/.3."""
 
   def __init__(self, classes=10):
     super().__init__()
@@ -261,8 +262,8 @@ def _torch_tensors(sub) -> dict:
 
 
 def _expected_flax(model) -> dict:
-  """Flax leaf path -> (array, mask or None, collection) for every tensor, from torch's modules and torchvision's
-  conventions alone (not from interop's spec): Dense/Conv kernels transposed, depthwise convs (k, k, 1, C),
+  """Flax leaf path (collection first for buffers) -> (array, mask or None) for every tensor, from torch's modules
+  and Flax's conventions alone (not from interop's spec): Dense/Conv kernels transposed, depthwise convs (k, k, 1, C),
   norms' scale, BatchNorm statistics in batch_stats, and MultiheadAttention's packed projection and the LSTM's
   gates kept as torch names and shapes."""
   out = {}

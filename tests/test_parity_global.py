@@ -1,4 +1,5 @@
 """Global pruning parity with torch.nn.utils.prune.global_unstructured (spec §6)."""
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -73,6 +74,38 @@ def test_global_with_importance_scores_and_mixed_dtypes_matches_torch():
   np.testing.assert_array_equal(masks["a"], ma.weight_mask.numpy() != 0)
   np.testing.assert_array_equal(masks["b"], mb.weight_mask.numpy() != 0)
   assert mb.weight_mask.dtype == torch.float16 and masks["b"].dtype == jnp.bool_
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+@pytest.mark.parametrize("seed", range(3))
+def test_global_over_16_bit_leaves_matches_torch(dtype, seed):
+  """A bf16 or f16 model is laid end to end in its own dtype (as bits: XLA:CPU has no 16-bit float concatenate)
+  and ranked exactly, subnormals included, eagerly and under jit. Distinct magnitudes: torch's tie order is its
+  sort's (spec §4)."""
+  rng = np.random.default_rng(seed)
+  finfo = jnp.finfo(dtype)
+  bits = np.arange(1, int(np.array(finfo.max, dtype).view(np.uint16)), dtype=np.uint16)  # every finite |x| > 0
+  subnormal = int(np.array(finfo.smallest_normal, dtype).view(np.uint16))
+  picked = np.concatenate([rng.choice(bits[:subnormal - 1], 12, replace=False),
+                           rng.choice(bits[subnormal:], 148, replace=False)])
+  pool = rng.permutation(picked).view(jnp.dtype(dtype)) * rng.choice(np.array([-1, 1], dtype), 160)
+  shapes = [(4, 6), (17,), (3, 2, 5), (2, 4), (3, 3)]
+  sizes = np.cumsum([0] + [int(np.prod(s)) for s in shapes])
+  arrays = [pool[lo:hi].reshape(s) for lo, hi, s in zip(sizes[:-1], sizes[1:], shapes)]
+  assert np.any(np.abs(pool.astype(np.float32)) < finfo.smallest_normal)  # subnormals take part
+  modules = []
+  for a in arrays:
+    module = nn.Module()
+    module.weight = nn.Parameter(torch.tensor(a.astype(np.float32)).to(getattr(torch, dtype)))
+    modules.append(module)
+  params = {f"m{i}": jnp.asarray(a) for i, a in enumerate(arrays)}
+  amount = float(rng.choice([0.1, 0.37, 0.5, 0.9]))
+  tprune.global_unstructured([(m, "weight") for m in modules], tprune.L1Unstructured, amount=amount)
+  eager = jaxprune.global_unstructured(params, amount, where=lambda p, x: True)
+  jitted = jax.jit(lambda p: jaxprune.global_unstructured(p, amount, where=lambda p, x: True))(params)
+  for i, module in enumerate(modules):
+    np.testing.assert_array_equal(eager[f"m{i}"], module.weight_mask.float().numpy() != 0)
+    np.testing.assert_array_equal(jitted[f"m{i}"], module.weight_mask.float().numpy() != 0)
 
 
 def test_global_int_amount_above_remaining_is_refused_like_torch():

@@ -143,6 +143,17 @@ def test_a_model_past_2_pow_32_entries_compiles_with_64_bit_counts_and_positions
   assert "ui64" in text and "i64" in text  # positions and counts
 
 
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
+def test_a_16_bit_model_is_laid_out_in_16_bits(dtype):
+  """The buffer of all leaves end to end holds 2 bytes an entry, never a widened f32 copy: XLA:CPU widens a 16-bit
+  float concatenate to f32 (10 bytes an entry in all), so the leaves travel as their bits."""
+  params = {f"l{i}": jax.ShapeDtypeStruct((1000, 1000 + i), dtype) for i in range(3)}
+  total = sum(1000 * (1000 + i) for i in range(3))
+  text = jax.jit(lambda p: jaxprune.global_unstructured(p, 0.5)).lower(params).compile().as_text()
+  laid_out = re.findall(rf"= (\w+)\[{total}\]\S* concatenate\(", text)
+  assert laid_out and set(laid_out) <= {"u16", "bf16", "f16"}, laid_out
+
+
 def test_subnormal_magnitudes_rank_exactly_like_torch():
   """XLA:CPU flushes subnormals in float arithmetic; keys come from the bits, so 4.67e-40 is the smallest."""
   w = np.array([-7.24e-40, 6.97e-40, -4.67e-40, -7.64e-40, 6.00e-40], np.float32)

@@ -63,7 +63,9 @@ class LayoutRule(NamedTuple):
   Attributes:
     kind: a name for messages (``"linear"``).
     tensors: torch tensor name (``"weight"``) -> :class:`TensorMap`.
-    torch_types: names of torch classes the rule is for; a class anywhere in a module's MRO matches.
+    torch_types: names of torch classes the rule is for; a class anywhere in a module's MRO matches. A name
+      starting with ``*`` matches every class whose name ends with the rest (``*RMSNorm``: Hugging Face's
+      ``LlamaRMSNorm``, which derives from no torch norm).
     where: a regex searched in module paths (``"layer1.0.conv1"``); matching modules get this rule, no matter what.
     names: a regex searched in module paths that makes this rule the likely one when it is inferred without a
       torch module (``wte`` is an embedding); unlike ``where``, it only breaks ties between rules that fit.
@@ -97,7 +99,7 @@ CONV_RULE = LayoutRule("conv", {
 }, torch_types=("Conv1d", "Conv2d", "Conv3d"))
 NORM_RULE = LayoutRule("norm", {"weight": TensorMap("params", "scale"),
                                 "bias": TensorMap("params", "bias", matches=("weight", None))},
-                       torch_types=("LayerNorm", "GroupNorm", "RMSNorm", "_InstanceNorm"))
+                       torch_types=("LayerNorm", "GroupNorm", "RMSNorm", "_InstanceNorm", "*RMSNorm", "*LayerNorm"))
 EMBEDDING_RULE = LayoutRule("embedding", {"weight": TensorMap("params", "embedding", ndims=(2,))},
                             torch_types=("Embedding",),
                             names=r"(^|\.)(\w+_)?(embeddings?|embed(_\w+)?|wte|wpe)$")
@@ -153,12 +155,16 @@ def select_rule(rules: Sequence[LayoutRule], path: str, names: Mapping, *, types
     return rule, True
   if types is not None:
     for rule in candidates:
-      if rule.where is None and set(rule.torch_types) & set(types):
+      if rule.where is None and _is_of(rule.torch_types, types):
         return rule, True
     return None, False
   fitting = [rule for rule in candidates if rule.where is None and _covers(rule, names, side)]
   hinted = [rule for rule in fitting if rule.names is not None and re.search(rule.names, path)]
   return next(iter(hinted or fitting), None), False
+
+
+def _is_of(torch_types: Sequence[str], types: Sequence[str]) -> bool:
+  return any(t == name or (t.startswith("*") and name.endswith(t[1:])) for t in torch_types for name in types)
 
 
 def covering(rules: Sequence[LayoutRule], names: Mapping[str, int]) -> list[LayoutRule]:

@@ -98,6 +98,29 @@ def test_round_trips_are_bit_identical_ties_included(name, layout):
   assert interop.diff_state_dicts(bare, {k: v for k, v in sd.items() if k != "lm_head.weight"}) == []
 
 
+def tiny_llama() -> torch.nn.Module:
+  torch.manual_seed(2)
+  config = transformers.LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=24, num_hidden_layers=2,
+                                    num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=16)
+  return transformers.LlamaForCausalLM(config).eval()
+
+
+def test_hugging_face_norm_classes_read_as_norms_with_the_module_too():
+  """``LlamaRMSNorm`` derives from no torch norm: by its class name it is a norm with ``module=`` as it is by its
+  shape without, so both give one Flax layout, and each comes back bit for bit."""
+  model = tiny_llama()
+  sd = model.state_dict()
+  inferred, given = interop.from_torch(sd, layout="flax"), interop.from_torch(sd, layout="flax", module=model)
+  flat = _flat(given.params)
+  assert flat.keys() == _flat(inferred.params).keys()
+  for prefix, sub in model.named_modules():
+    if type(sub).__name__ == "LlamaRMSNorm":
+      assert np.array_equal(flat[prefix.replace(".", "/") + "/scale"], sub.weight.detach().numpy())
+  assert interop.diff_state_dicts(interop.to_torch(*given), sd) == []
+  assert interop.diff_state_dicts(interop.to_torch(given.params, given.masks, given.buffers, layout="flax",
+                                                   module=tiny_llama()), sd) == []
+
+
 def _torch_pruned_gpt2():
   """Global L1 over every Conv1D weight and the (tied) lm_head, as torch does it: only lm_head's use is masked."""
   model = tiny_gpt2()

@@ -42,6 +42,21 @@ def test_many_arrays_rank_like_their_concatenation(sizes, data):
   np.testing.assert_array_equal(np.concatenate([np.asarray(p) for p in picked]), stable_smallest(flat, k))
 
 
+@pytest.mark.parametrize("seed", range(3))
+def test_a_tie_straddling_blocks_is_cut_at_the_lowest_positions(seed):
+  """Tied keys spread over many of the tie pass's blocks of 4096 entries, candidates and all: the k-th position is
+  found by counts per block, then within one block, and equals a stable sort's."""
+  rng = np.random.default_rng(seed)
+  keys = [rng.integers(0, 3, n).astype(np.uint32) for n in (5000, 13, 9000)]
+  live = [rng.random(x.size) < 0.8 for x in keys]
+  flat, alive = np.concatenate(keys), np.concatenate(live)
+  k = int(rng.integers(1, alive.sum()))
+  picked = selection.smallest([jnp.asarray(x) for x in keys], k, [jnp.asarray(m) for m in live])
+  expected = np.zeros(flat.size, bool)
+  expected[np.flatnonzero(alive)[stable_smallest(flat[alive], k)]] = True
+  np.testing.assert_array_equal(np.concatenate([np.asarray(p) for p in picked]), expected)
+
+
 @settings(max_examples=20)
 @given(sizes=st.lists(SIZES, min_size=1, max_size=20), data=st.data())
 def test_segments_rank_on_their_own(sizes, data):

@@ -1,5 +1,9 @@
-"""The Flax-layout JAX form of a torch state_dict, tensor by tensor, with numpy: what ``jaxprune convert --layout
-flax`` writes to a ``.safetensors`` file or to shards, without holding the checkpoint.
+"""Checkpoints converted as they are written, tensor by tensor, so that a command holds about one tensor.
+
+* :func:`flax_tensors`: the Flax-layout JAX form of a torch state_dict, with numpy: what ``jaxprune convert
+  --layout flax`` writes to a ``.safetensors`` file or to shards.
+* :func:`torch_tensors`: ``to_torch``'s state_dict module by module (what ``jaxprune prune`` writes), the pruned
+  masks kept packed 8 entries a byte (:class:`Bits`) until their module is written.
 
 :func:`interop.from_torch` makes every JAX array at once, and a Flax-layout checkpoint is mostly transposed kernels,
 so writing its result held a copy of the whole checkpoint. Here each tensor is a :class:`interop.io.Deferred`:
@@ -11,14 +15,16 @@ conversions (:mod:`interop.devices`), and the key order of its trees after ``jax
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Mapping, Optional
+import itertools
+import math
+from typing import Any, Callable, Mapping, NamedTuple, Optional, Sequence
 
 import numpy as np
 
 from interop import devices
 from interop.errors import MaskError
 from interop.io import Deferred
-from interop.statedict import Entry, TorchSpec
+from interop.statedict import Entry, TorchSpec, split_key
 
 Done = Callable[[Any], None]
 
@@ -110,3 +116,88 @@ def check_tied_masks(state_dict: Mapping[str, Any], spec: TorchSpec, done: Optio
       raise MaskError(f"{e.key!r} and {previous[e.path][0]!r} are masks of one tied tensor, and they differ; JAX "
                       "holds one mask per tensor (prune tied parameters with one mask, or untie them first)")
     previous[e.path] = (e.key, mask)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# JAX -> torch, module by module
+
+
+class Bits(NamedTuple):
+  """A bool mask packed 8 entries a byte while it waits to be written (1/32 of a float32 tensor)."""
+  packed: np.ndarray
+  shape: tuple[int, ...]
+
+  @classmethod
+  def of(cls, mask: Any) -> "Bits":
+    mask = np.asarray(mask)
+    return cls(np.packbits(mask, axis=None), mask.shape)
+
+  def unpack(self) -> np.ndarray:
+    return np.unpackbits(self.packed, count=math.prod(self.shape)).view(bool).reshape(self.shape)
+
+
+def _runs(spec: TorchSpec) -> list[tuple[str, list[Entry]]]:
+  """The spec's entries in runs of one module, as ``to_torch`` groups them to order a module's keys."""
+  return [(prefix, list(run)) for prefix, run in itertools.groupby(spec.entries, key=lambda e: split_key(e.key)[0])]
+
+
+def _to_torch(leaves: Mapping[tuple, Any], masks: Mapping[tuple, Any], spec: TorchSpec, entries: Sequence[Entry],
+              ties: tuple, permanent: bool, done: Done) -> dict[str, Any]:
+  """``to_torch`` (numpy arrays, no copies) of the leaves, masks and spec entries of some modules only."""
+  import interop  # pylint: disable=import-outside-toplevel
+  from flax import traverse_util  # pylint: disable=import-outside-toplevel
+  slots = {(e.collection, *e.path) for e in entries if e.role != "mask"}
+  trees: dict[str, dict] = {}
+  for slot in (s for s in leaves if s in slots):
+    trees.setdefault(slot[0], {})[slot[1:]] = leaves[slot]
+  params = trees.pop("params", {})
+  sub_masks = {path: m.unpack() if isinstance(m, Bits) else m for path, m in masks.items() if path in params}
+  unflat = lambda flat: traverse_util.unflatten_dict(flat) if flat else {}  # noqa: E731
+  return interop.to_torch(unflat(params), unflat(sub_masks), {c: unflat(t) for c, t in trees.items()},
+                          spec._replace(entries=tuple(entries), ties=ties), permanent=permanent, copy=False,
+                          tensors="numpy", done=done)
+
+
+def torch_tensors(leaves: Mapping[tuple, Any], masks: Mapping[tuple, Any], spec: TorchSpec, *,
+                  permanent: bool = False, done: Optional[Done] = None) -> dict[str, Any]:
+  """``interop.to_torch(params, masks, buffers, spec, permanent=permanent, copy=False, tensors="numpy")``, keys
+  in its order, each value a :class:`interop.io.Deferred` that converts its module when the writer reaches it
+  (all of one module's keys, which come together, from one conversion), so a writer holds one module at a time.
+
+  ``leaves``: ``(collection, *path) -> leaf`` of params and buffers; ``masks``: params path -> mask, bool or
+  :class:`Bits`. The modules of tied keys are converted at once and given as arrays, so that the writer sees
+  the tie. A module whose keys do not come together in the spec (``to_torch`` would order it otherwise) makes
+  the whole state_dict at once. Each module is converted twice: first to learn its keys, dtypes and shapes.
+  """
+  done = done or (lambda _: None)
+  runs = _runs(spec)
+  if len({prefix for prefix, _ in runs}) != len(runs):
+    return _to_torch(leaves, masks, spec, spec.entries, spec.ties, permanent, done)
+  tied = {key for group in spec.ties for key in group}
+  at_once = [run for run in runs if any(e.key in tied for e in run[1])]
+  made = _to_torch(leaves, masks, spec, [e for _, run in at_once for e in run], spec.ties, permanent,
+                   done) if at_once else {}
+  at_once_modules = {prefix for prefix, _ in at_once}
+  current: dict[str, Any] = {}
+  out: dict[str, Any] = {}
+  for prefix, run in runs:
+    if prefix in at_once_modules:
+      out.update((k, v) for k, v in made.items() if split_key(k)[0] == prefix)
+      continue
+    convert = lambda run=run: _to_torch(leaves, masks, spec, run, (), permanent, done)  # noqa: E731
+    for key, value in convert().items():
+      out[key] = Deferred(value.dtype, value.shape, _one_of(key, convert, current))
+  return out
+
+
+def _one_of(key: str, convert: Callable[[], dict], current: dict) -> Callable[[], np.ndarray]:
+  """``make()`` of one key of a module: the module is converted for its first key written, and each key's array
+  is let go once handed out (``current`` holds the rest of the module until then)."""
+
+  def make() -> np.ndarray:
+    if key not in current:
+      current.clear()
+      current.update(convert())
+    return current.pop(key)
+
+  return make

@@ -9,7 +9,8 @@ index, or a folder (``--max-shard-size`` sets the shards' size, 5GB by default),
 (:mod:`interop.shards`). Inputs are memory-mapped and given back tensor by tensor (:mod:`interop.pages`), so
 ``inspect`` holds a few MiB of a checkpoint at a time, and ``convert`` (``--layout torch``, and ``--layout flax``
 into safetensors, converted tensor by tensor with numpy: :mod:`interop.streaming`) about one tensor: a checkpoint
-larger than memory converts shard by shard.
+larger than memory converts shard by shard. ``prune`` into safetensors, locally, holds about one tensor too (its
+new masks wait packed 8 entries a byte, and each module is made as it is written).
 * ``jaxprune prune IN -o OUT --method l1|random|ln|nm ...``: prunes with jaxprune's engine (torch's exact
   semantics) and writes a checkpoint that torch loads: ``X_orig`` + ``X_mask`` pairs, or plain tensors with
   ``--permanent``.
@@ -742,12 +743,17 @@ def _selector(include: Sequence[re.Pattern], exclude: Sequence[re.Pattern], spec
 
 
 def _prune_chosen(params: Any, masks: Any, chosen: list[str], args, kwargs: dict, out: Output,
-                  done: Callable[[Any], None]) -> Any:
-  """The masks after pruning the ``chosen`` leaves as the command line asks (``masks``: an earlier pruning,
-  continued as torch's PruningContainer does: amounts are relative); each leaf goes to ``done`` once pruned."""
+                  done: Callable[[Any], None]) -> dict:
+  """The new masks of the ``chosen`` leaves, path -> :class:`interop.streaming.Bits`, after pruning them as the
+  command line asks (``masks``: an earlier pruning, continued as torch's PruningContainer does: amounts are
+  relative); each leaf goes to ``done`` once pruned. Packed, the masks of a whole model take 1/32 of its float32
+  weights until they are written."""
   import jax  # pylint: disable=import-outside-toplevel
   import numpy as np  # pylint: disable=import-outside-toplevel
-  leaves = {jaxprune.path_str(p): x for p, x in jax.tree_util.tree_flatten_with_path(params)[0]}
+  from interop.streaming import Bits  # pylint: disable=import-outside-toplevel
+  flat = jax.tree_util.tree_flatten_with_path(params)[0]
+  leaves = {jaxprune.path_str(p): x for p, x in flat}
+  index = {jaxprune.path_str(p): i for i, (p, _) in enumerate(flat)}  # a leaf's place in the masks tree too
   with out.progress("pruning", 1 if args.use_global else len(chosen)) as advance:
     if args.use_global:
       try:
@@ -756,21 +762,67 @@ def _prune_chosen(params: Any, masks: Any, chosen: list[str], args, kwargs: dict
       except (ValueError, IndexError) as err:
         raise _torch_named(err, chosen) from err
       advance("global L1")
-      jax.block_until_ready(masks)
+      jax.block_until_ready(masks)  # every leaf is read by then (JAX runs asynchronously): its pages can go back
+      new = jax.tree.leaves(masks)
       for path in chosen:
         done(np.asarray(leaves[path]))
-      return masks
+      return {path: Bits.of(new[index[path]]) for path in chosen}
     key = jax.random.key(args.seed) if args.method == "random" else None
+    pruned = {}
     for path in chosen:  # one leaf at a time for the progress bar; the key still folds in the leaf's index
       try:
-        masks = jaxprune.prune(params, METHODS[args.method], masks=masks, key=key,
-                               where=lambda p, _, path=path: p == path, **kwargs)
+        # The earlier masks as they came: a local method reads only the leaf's own, and the others' new masks
+        # wait packed rather than as bool arrays in the tree.
+        new = jaxprune.prune(params, METHODS[args.method], masks=masks, key=key,
+                             where=lambda p, _, path=path: p == path, **kwargs)
       except (ValueError, IndexError) as err:
         raise _torch_named(err, chosen, path) from err
-      jax.block_until_ready(masks)  # the leaf is read by then (JAX runs asynchronously), so its pages can go back
+      pruned[path] = Bits.of(jax.tree.leaves(new)[index[path]])  # the leaf is read by then (JAX waits for it)
       done(np.asarray(leaves[path]))  # a CPU array's own memory (no copy): the mapped file's, if JAX kept it
+      _forget_program()
       advance(path.replace("/", "."))
-  return masks
+  return pruned
+
+
+def _forget_program() -> None:
+  """Drops the program that pruned one leaf. ``jaxprune.prune`` compiles one per leaf (the leaf's path is part
+  of it) and JAX keeps each in memory, with memory about the leaf's size (5.5 MB for a 4 MiB float32 leaf pruned
+  by L1): on a large checkpoint, more than the checkpoint. None is run again (the persistent cache keeps them)."""
+  from jaxprune import pytree  # pylint: disable=import-outside-toplevel
+  clear = getattr(getattr(pytree, "_prune_leaves", None), "clear_cache", None)
+  if clear is not None:
+    clear()
+
+
+def _pruned_state_dict(converted: Any, pruned: dict, permanent: bool, as_numpy: bool, done: Callable[[Any], None]
+                       ) -> dict:
+  """The torch state_dict of the pruned checkpoint: for safetensors, each module converted as it is written
+  (:func:`interop.streaming.torch_tensors`); for ``torch.save``, which takes every tensor at once, all of it."""
+  import interop  # pylint: disable=import-outside-toplevel
+  import jax  # pylint: disable=import-outside-toplevel
+  from flax import traverse_util  # pylint: disable=import-outside-toplevel
+  from interop import streaming  # pylint: disable=import-outside-toplevel
+  names = {jaxprune.path_str(p): tuple(k.key for k in p)
+           for p, _ in jax.tree_util.tree_flatten_with_path(converted.params)[0]}
+  masks = traverse_util.flatten_dict(converted.masks)
+  masks.update((names[path], bits) for path, bits in pruned.items())
+  if as_numpy:
+    leaves = {("params", *p): x for p, x in traverse_util.flatten_dict(converted.params).items()}
+    for collection, tree in converted.buffers.items():
+      leaves.update(((collection, *p), x) for p, x in traverse_util.flatten_dict(tree).items())
+    return streaming.torch_tensors(leaves, masks, converted.spec, permanent=permanent, done=done)
+  tree = traverse_util.unflatten_dict({p: m.unpack() if isinstance(m, streaming.Bits) else m
+                                       for p, m in masks.items()}) if masks else {}
+  return interop.to_torch(converted.params, tree, converted.buffers, converted.spec, permanent=permanent,
+                          copy=False, done=done)
+
+
+def _written_report(target: Target) -> dict:
+  """The report of a checkpoint just written, read back over a memory map as ``inspect`` reads it: the tensors
+  were made as they were written, and are not held."""
+  written = read_checkpoint(target.index or target.path)
+  with _dropping(written) as done:
+    return _report(written.state_dict, "torch", done=done)
 
 
 def cmd_prune(args, out: Output) -> None:
@@ -783,9 +835,11 @@ def cmd_prune(args, out: Output) -> None:
   with out.status(f"reading {args.input}"):
     # Pruning happens in torch's layout, so --axis and --include mean what they mean to torch.
     loaded = read_checkpoint(args.input, args.key)
-    with _naming(args.input):
-      # copy=False: JAX may use the mapped file's memory as it is (no one writes to it), one copy fewer
-      converted = interop.from_torch(loaded.state_dict, layout="torch", copy=False)
+    with _naming(args.input), _dropping(loaded) as done:
+      # copy=False: JAX may use the mapped file's memory as it is (no one writes to it), one copy fewer. Each
+      # tensor's pages go back once converted (a mask, once made bool); JAX's reads of the rest come back from
+      # the page cache, so about one tensor of the input is resident at a time.
+      converted = interop.from_torch(loaded.state_dict, layout="torch", copy=False, done=done)
   pick = _selector(args.include, args.exclude, converted.spec)
   flat, _ = jax.tree_util.tree_flatten_with_path(converted.params)
   chosen = [path for path, leaf in ((jaxprune.path_str(p), x) for p, x in flat) if pick(path, leaf)]
@@ -794,18 +848,14 @@ def cmd_prune(args, out: Output) -> None:
                     "dimensions; see --include/--exclude)")
   method = METHODS[args.method]
   with _dropping(loaded) as done:
-    # Every tensor is now JAX's (a copy, or the mapped file's memory as it is): the input's pages are given back,
-    # and those JAX reads come back from the page cache when read, so about one tensor is resident at a time.
-    for value in loaded.state_dict.values():
-      done(value)
-    masks = _prune_chosen(converted.params, converted.masks, chosen, args, kwargs, out, done)
+    pruned = _prune_chosen(converted.params, converted.masks, chosen, args, kwargs, out, done)
     as_numpy = (target.index or target.path).removesuffix(".index.json").endswith(SAFETENSORS)
-    state_dict = interop.to_torch(converted.params, masks, converted.buffers, converted.spec,
-                                  permanent=args.permanent, copy=False, tensors="numpy" if as_numpy else "torch",
-                                  done=done)
-    report = _report(state_dict, "torch", done=done)
+    state_dict = _pruned_state_dict(converted, pruned, args.permanent, as_numpy, done)
+    report = None if as_numpy else _report(state_dict, "torch", done=done)
     with out.status(f"writing {args.output}"):
       write_torch(state_dict, target, done)
+  if report is None:  # the streamed tensors are gone once written: counted from the file
+    report = _written_report(target)
   described = ", ".join(f"{k}={v}" for k, v in kwargs.items())
   title = (f"{args.output}: {'global ' if args.use_global else ''}{method}({described}) on {len(chosen)} tensors"
            f"{', made permanent' if args.permanent else ''}")

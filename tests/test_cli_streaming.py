@@ -2,6 +2,7 @@
 must be byte for byte what the JAX path (``from_torch`` on the whole checkpoint, still used for Orbax) writes: the
 same keys, order, metadata, dtypes and bits. Checked on real architectures (transformers' GPT-2 with its tie and
 HF ``Conv1D``, torch-pruned; BERT; a pruned ResNet-18 with BatchNorm) and on the corner cases of a state_dict."""
+import json
 import os
 import subprocess
 import sys
@@ -144,3 +145,32 @@ def test_writing_the_flax_layout_to_safetensors_imports_no_jax(tmp_path):
                         text=True, timeout=300)
   assert proc.returncode == 0, proc.stderr
   assert proc.stdout.split("\n")[-2] == "[]"
+
+
+PRUNES = {"l1": ["--method", "l1", "--amount", "0.5"], "random": ["--method", "random", "--amount", "0.3"],
+          "ln": ["--method", "ln", "--amount", "0.25", "--axis", "0"], "nm": ["--method", "nm"],
+          "global": ["--method", "l1", "--amount", "0.6", "--global"],
+          "permanent": ["--method", "l1", "--amount", "0.5", "--permanent"],
+          "tied": ["--method", "l1", "--amount", "0.3", "--include", "wte", "--permanent"]}
+
+
+def _pruned(capsys, source, out, argv) -> tuple[dict, dict]:
+  capsys.readouterr()
+  assert cli.main(["prune", str(source), "-o", str(out), *argv, "--json"]) == 0
+  report = json.loads(capsys.readouterr().out)
+  report.pop("output")
+  return report, interop.load_state_dict(out)
+
+
+@pytest.mark.parametrize("name", sorted(PRUNES))
+def test_prune_streamed_to_safetensors_writes_what_the_whole_path_writes(capsys, tmp_path, name):
+  """Into safetensors (one file or shards) each module is converted as it is written, and the report counted
+  from the file; into torch.save, the state_dict is made whole as before: the same tensors, order, ties, report."""
+  source = tmp_path / "gpt2.pt"
+  torch.save(_torch_pruned_gpt2().state_dict(), source)
+  whole, want = _pruned(capsys, source, tmp_path / "whole.pt", PRUNES[name])
+  for out in ("streamed.safetensors", "shards/model.safetensors.index.json"):
+    report, got = _pruned(capsys, source, tmp_path / out, [*PRUNES[name], "--max-shard-size", "30000"]
+                          if out.startswith("shards") else PRUNES[name])
+    assert report == whole and interop.diff_state_dicts(got, want) == []
+    assert interop.ties.find_ties(got) == interop.ties.find_ties(want) != ()

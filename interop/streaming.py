@@ -24,7 +24,7 @@ import numpy as np
 from interop import devices
 from interop.errors import MaskError
 from interop.io import Deferred
-from interop.statedict import Entry, TorchSpec, split_key
+from interop.statedict import MASK, ORIG, Entry, TorchSpec, split_key
 
 Done = Callable[[Any], None]
 
@@ -162,32 +162,45 @@ def torch_tensors(leaves: Mapping[tuple, Any], masks: Mapping[tuple, Any], spec:
                   permanent: bool = False, done: Optional[Done] = None) -> dict[str, Any]:
   """``interop.to_torch(params, masks, buffers, spec, permanent=permanent, copy=False, tensors="numpy")``, keys
   in its order, each value a :class:`interop.io.Deferred` that converts its module when the writer reaches it
-  (all of one module's keys, which come together, from one conversion), so a writer holds one module at a time.
+  (all the keys of one run of a module's keys, which come together, from one conversion), so a writer holds one
+  module at a time. Each run is converted twice: first to learn its keys, dtypes and shapes.
 
   ``leaves``: ``(collection, *path) -> leaf`` of params and buffers; ``masks``: params path -> mask, bool or
   :class:`Bits`. The modules of tied keys are converted at once and given as arrays, so that the writer sees
-  the tie. A module whose keys do not come together in the spec (``to_torch`` would order it otherwise) makes
-  the whole state_dict at once. Each module is converted twice: first to learn its keys, dtypes and shapes.
+  the tie. Where runs cannot be converted apart (a mask in another run than its ``X_orig``), the whole
+  state_dict is made at once.
   """
   done = done or (lambda _: None)
   runs = _runs(spec)
-  if len({prefix for prefix, _ in runs}) != len(runs):
-    return _to_torch(leaves, masks, spec, spec.entries, spec.ties, permanent, done)
   tied = {key for group in spec.ties for key in group}
-  at_once = [run for run in runs if any(e.key in tied for e in run[1])]
-  made = _to_torch(leaves, masks, spec, [e for _, run in at_once for e in run], spec.ties, permanent,
+  at_once = {i for i, (_, run) in enumerate(runs) if any(e.key in tied for e in run)}
+  if not _separable(runs, at_once):
+    return _to_torch(leaves, masks, spec, spec.entries, spec.ties, permanent, done)
+  made = _to_torch(leaves, masks, spec, [e for i in sorted(at_once) for e in runs[i][1]], spec.ties, permanent,
                    done) if at_once else {}
-  at_once_modules = {prefix for prefix, _ in at_once}
   current: dict[str, Any] = {}
   out: dict[str, Any] = {}
-  for prefix, run in runs:
-    if prefix in at_once_modules:
+  for i, (prefix, run) in enumerate(runs):
+    if i in at_once:
       out.update((k, v) for k, v in made.items() if split_key(k)[0] == prefix)
       continue
     convert = lambda run=run: _to_torch(leaves, masks, spec, run, (), permanent, done)  # noqa: E731
     for key, value in convert().items():
       out[key] = Deferred(value.dtype, value.shape, _one_of(key, convert, current))
   return out
+
+
+def _separable(runs: Sequence[tuple[str, list[Entry]]], at_once: set[int]) -> bool:
+  """Whether ``to_torch`` of each run alone (and of the tied ones together) gives its part of the whole: every mask
+  beside its ``X_orig`` in one run, and no module with two runs among the tied ones (together, they would become
+  one run, which ``to_torch`` orders otherwise)."""
+  if len({runs[i][0] for i in at_once}) != len(at_once):
+    return False
+  for _, run in runs:
+    keys = {e.key for e in run}
+    if any(e.role == "mask" and e.key[:-len(MASK)] + ORIG not in keys for e in run):
+      return False
+  return True
 
 
 def _one_of(key: str, convert: Callable[[], dict], current: dict) -> Callable[[], np.ndarray]:

@@ -174,3 +174,27 @@ def test_prune_streamed_to_safetensors_writes_what_the_whole_path_writes(capsys,
                           if out.startswith("shards") else PRUNES[name])
     assert report == whole and interop.diff_state_dicts(got, want) == []
     assert interop.ties.find_ties(got) == interop.ties.find_ties(want) != ()
+
+
+def _sorted_resnet(path) -> None:
+  """As ``safetensors.torch.save_file`` writes it: keys by dtype, then name, so each BatchNorm's int64
+  ``num_batches_tracked`` comes after every float tensor, away from its module's other keys."""
+  import safetensors.torch  # pylint: disable=import-outside-toplevel
+  safetensors.torch.save_file({k: v.contiguous() for k, v in _resnet().items()}, path)
+
+
+def _split_pair(path) -> None:
+  """A mask away from its X_orig: no part of the file converts alone, so the state_dict is made whole."""
+  torch.manual_seed(0)
+  interop.save_state_dict({"fc.weight_orig": torch.randn(4, 3), "x.weight": torch.randn(5, 2),
+                           "fc.weight_mask": (torch.rand(4, 3) > 0.5).float(), "fc.bias": torch.randn(4)}, path)
+
+
+@pytest.mark.parametrize("make", [_sorted_resnet, _split_pair])
+@pytest.mark.parametrize("permanent", [[], ["--permanent"]])
+def test_prune_streams_modules_in_pieces_or_makes_the_whole(capsys, tmp_path, make, permanent):
+  make(tmp_path / "in.safetensors")
+  argv = ["--method", "l1", "--amount", "0.5", *permanent]
+  whole, want = _pruned(capsys, tmp_path / "in.safetensors", tmp_path / "whole.pt", argv)
+  report, got = _pruned(capsys, tmp_path / "in.safetensors", tmp_path / "o.safetensors", argv)
+  assert report == whole and interop.diff_state_dicts(got, want) == []

@@ -237,7 +237,10 @@ def prune(params: PyTree, method: Union[str, Callable], *, masks: Optional[PyTre
       except (ValueError, TypeError, IndexError) as err:
         raise _with_path(path, err) from err
     paths = tuple(leaves[i][0] for i in chosen)
-    new, live = _prune_leaves(name, _static(method_kwargs), paths, tuple(chosen), tuple(args), key)
+    try:
+      new, live = _prune_leaves(name, _static(method_kwargs), tuple(args), key, np.array(chosen, np.uint32))
+    except _LeafError as failure:
+      raise _with_path(paths[failure.position], failure.error) from failure.error
     for i, path, (*_, amount), count in zip(chosen, paths, args, live):
       _check_count(path, amounts[i], count)
     for i, m in zip(chosen, new):
@@ -270,32 +273,43 @@ def _check_count(path: Optional[str], amount, live) -> None:
       raise err if path is None else _with_path(path, err) from None
 
 
-@functools.partial(jax.jit, static_argnames=("name", "kwargs", "paths", "indices"))
-def _prune_leaves(name: str, kwargs: tuple, paths: tuple[str, ...], indices: tuple[int, ...], args: tuple, key):
+class _LeafError(Exception):
+  """A method's error on the ``position``-th leaf of a :func:`_prune_leaves` call, named by its path outside."""
+
+  def __init__(self, position: int, error: Exception):
+    super().__init__(position, error)
+    self.position, self.error = position, error
+
+
+@functools.partial(jax.jit, static_argnames=("name", "kwargs"))
+def _prune_leaves(name: str, kwargs: tuple, args: tuple, key, indices: jax.Array):
   """Every chosen leaf pruned by a built-in method in one program: one selection ranks them all, a segment each.
+
+  The leaves' paths and indices (``indices``, which seed random methods) are not part of the program, so leaves of
+  one shape share it: pruning a model leaf by leaf compiles once per shape, not once per leaf.
 
   Returns the new masks and, per leaf, how many units were live (None for N:M), to check counts eagerly.
   """
   kwargs = dict(kwargs)
   if name == "nm_structured":
     masks = []
-    for path, (x, mask, score, _) in zip(paths, args):
+    for position, (x, mask, score, _) in enumerate(args):
       try:
         masks.append(_methods.nm_structured(x, mask=mask, importance_scores=score, **kwargs))
       except (ValueError, TypeError, IndexError) as err:
-        raise _with_path(path, err) from err
+        raise _LeafError(position, err) from err
     return masks, [None] * len(masks)
   build = _methods.RANKINGS[name]
   rankings = []
   with jax.enable_x64(True):
     decoded = [from_argument(amount) for (*_, amount) in args]
-  for i, path, (x, mask, score, _), amount in zip(indices, paths, args, decoded):
+  for position, ((x, mask, score, _), amount) in enumerate(zip(args, decoded)):
     extra = {} if score is None else {"importance_scores": score}
-    lead = (jax.random.fold_in(key, i), x) if name in _RANDOM_METHODS else (x,)
+    lead = (jax.random.fold_in(key, indices[position]), x) if name in _RANDOM_METHODS else (x,)
     try:
       rankings.append(build(*lead, amount, mask=mask, **extra, **kwargs))
     except (ValueError, TypeError, IndexError) as err:
-      raise _with_path(path, err) from err
+      raise _LeafError(position, err) from err
   if not rankings:
     return [], []
   with jax.enable_x64(True):

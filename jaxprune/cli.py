@@ -779,19 +779,8 @@ def _prune_chosen(params: Any, masks: Any, chosen: list[str], args, kwargs: dict
         raise _torch_named(err, chosen, path) from err
       pruned[path] = Bits.of(jax.tree.leaves(new)[index[path]])  # the leaf is read by then (JAX waits for it)
       done(np.asarray(leaves[path]))  # a CPU array's own memory (no copy): the mapped file's, if JAX kept it
-      _forget_program()
       advance(path.replace("/", "."))
   return pruned
-
-
-def _forget_program() -> None:
-  """Drops the program that pruned one leaf. ``jaxprune.prune`` compiles one per leaf (the leaf's path is part
-  of it) and JAX keeps each in memory, with memory about the leaf's size (5.5 MB for a 4 MiB float32 leaf pruned
-  by L1): on a large checkpoint, more than the checkpoint. None is run again (the persistent cache keeps them)."""
-  from jaxprune import pytree  # pylint: disable=import-outside-toplevel
-  clear = getattr(getattr(pytree, "_prune_leaves", None), "clear_cache", None)
-  if clear is not None:
-    clear()
 
 
 def _pruned_state_dict(converted: Any, pruned: dict, permanent: bool, as_numpy: bool, done: Callable[[Any], None]

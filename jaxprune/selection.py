@@ -194,18 +194,13 @@ def _smallest(values: tuple[jax.Array, ...], k: jax.Array, candidates: tuple[Opt
     threshold, below, ties = _run_op("keys", segments, magnitudes_of, has_cands, k, *values, *cands)
     take = k - below  # per segment, how many entries equal to the threshold are selected
     pos_dtype = _position_dtype(sum(v.size for v in values))
-
-    def lowest_tied_cutoff(_):
-      # The `take` lowest positions among the tied entries are themselves a k-smallest selection.
-      cutoff = _run_op("positions", segments, magnitudes_of, has_cands, take, threshold, *values, *cands)
-      return cutoff + np.array(1, pos_dtype)
-
-    def no_cutoff(_):  # every tied entry is selected, or none
-      return jnp.where(take > 0, _sentinel(pos_dtype), np.array(0, pos_dtype))
-
+    # Where the tied entries straddle k, the `take` lowest positions among them are themselves a k-smallest
+    # selection; elsewhere every tied entry is selected, or none.
     straddles = (take != ties) & (take > 0)
-    cutoff = lax.cond(jnp.any(straddles), lowest_tied_cutoff, no_cutoff, None)
-    cutoff = jnp.where(straddles, cutoff, no_cutoff(None))
+    lowest = _run_op("positions", segments, magnitudes_of, has_cands, jnp.where(straddles, take, 0), threshold,
+                     *values, *cands)
+    cutoff = jnp.where(straddles, lowest + np.array(1, pos_dtype),
+                       jnp.where(take > 0, _sentinel(pos_dtype), np.array(0, pos_dtype)))
     mode = "kept" if complement else "selected"
     return list(_run_op(mode, segments, magnitudes_of, has_cands, threshold, cutoff, *values, *cands))
 
@@ -294,19 +289,26 @@ def _select_op(mode: str, segments: tuple[int, ...], magnitudes_of: Optional[str
         chosen = lax.cond(cut, functools.partial(compare, True), functools.partial(compare, False),
                           flat, live, first, second)
         return _split(chosen, [a.shape for a in arrays], like=first[0])
-      keys = _keys_of(flat, magnitudes_of)
-      sentinel = _sentinel(keys.dtype)
-      if live is not None:
-        keys = jnp.where(live, keys, sentinel)
-      if owned is not None:  # a replica that another device already counts
-        keys = jnp.where(concat([jnp.full(v.size, o) for v, o in zip(values, owned)]), keys, sentinel)
-      if mode == "positions" and starts is None and num_segments == 1:
-        # Laid end to end on one device, an entry's position is its index: find the take-th tied one by counts.
-        return _nth_true(keys == own(second), first[0], pos_dtype).reshape(1)
-      if mode == "positions":
-        keys = jnp.where(keys == own(second), positions(), _sentinel(pos_dtype))
-      return _radix_select(keys, segment_of, num_segments, first, reduce, int(offsets[-1]),
-                           positions=mode == "positions")
+
+      def rank(flat, live):
+        keys = _keys_of(flat, magnitudes_of)
+        sentinel = _sentinel(keys.dtype)
+        if live is not None:
+          keys = jnp.where(live, keys, sentinel)
+        if owned is not None:  # a replica that another device already counts
+          keys = jnp.where(concat([jnp.full(v.size, o) for v, o in zip(values, owned)]), keys, sentinel)
+        if mode == "positions" and starts is None and num_segments == 1:
+          # Laid end to end on one device, an entry's position is its index: find the take-th tied one by counts.
+          return _nth_true(keys == own(second), first[0], pos_dtype).reshape(1)
+        if mode == "positions":
+          keys = jnp.where(keys == own(second), positions(), _sentinel(pos_dtype))
+        return _radix_select(keys, segment_of, num_segments, first, reduce, int(offsets[-1]),
+                             positions=mode == "positions")
+
+      if mode == "positions":  # `first` is 0 in every segment whose ties need no cut: then skip the passes
+        # The buffer is formed outside the cond, where XLA shares it with the one the other passes read.
+        return lax.cond(jnp.any(first > 0), rank, lambda *_: jnp.zeros(num_segments, pos_dtype), flat, live)
+      return rank(flat, live)
 
   op = custom_partitioning(lambda first, *operands: run(first, operands))
 
@@ -438,15 +440,24 @@ def _radix_select(keys: jax.Array, segment_of: Optional[jax.Array], num_segments
   nbits = 8 * np.dtype(udtype).itemsize
   digit_mask = np.array(buckets - 1, udtype)
   ties = jnp.zeros(num_segments, jnp.int64)
+  # Keys off the prefix found so far are binned at digit 0 of their segment, then taken back out of that bucket
+  # by count (all keys less those on the prefix, the last pass's ties): every index is a real bucket, so one
+  # segment's indices fit 16 bits (half the bytes of int32, with nothing out of range to drop).
+  index_dtype = jnp.uint16 if num_segments * buckets <= 1 << 16 else jnp.int32
+  entries = None
   for shift in range(nbits - bits, -1, -bits):
-    digit = ((keys >> np.array(shift, udtype)) & digit_mask).astype(jnp.int32)
-    index = digit if segment_of is None else segment_of.astype(jnp.int32) * buckets + digit
-    if shift < nbits - bits:
+    digit = ((keys >> np.array(shift, udtype)) & digit_mask).astype(index_dtype)
+    if entries is not None:
       high = np.array(shift + bits, udtype)
       own_prefix = prefix[0] if segment_of is None else prefix[segment_of]
-      index = jnp.where((keys >> high) == (own_prefix >> high), index, num_segments * buckets)
-    hist = sum(jnp.zeros(num_segments * buckets, count_dtype).at[part].add(1, mode="drop") for part in _chunks(index))
+      digit = jnp.where((keys >> high) == (own_prefix >> high), digit, np.array(0, index_dtype))
+    index = digit if segment_of is None else segment_of.astype(index_dtype) * np.array(buckets, index_dtype) + digit
+    hist = sum(_bin(part, num_segments * buckets, count_dtype) for part in _chunks(index))
     hist = reduce(hist).astype(jnp.int64).reshape(num_segments, buckets)
+    if entries is None:
+      entries = jnp.sum(hist, axis=1)
+    else:
+      hist = hist - jnp.where(jnp.arange(buckets) == 0, (entries - ties)[:, None], 0)
     below, bucket, ties = descend(hist, below, k)
     prefix = prefix | (bucket.astype(udtype) << np.array(shift, udtype))
   return prefix if positions else (prefix, below, ties)
@@ -462,12 +473,27 @@ def _nth_true(flags: jax.Array, n: jax.Array, pos_dtype) -> jax.Array:
   """
   blocks = -(-flags.size // _TIE_BLOCK)
   padded = jnp.pad(flags, (0, blocks * _TIE_BLOCK - flags.size)).reshape(blocks, _TIE_BLOCK)
-  before = jnp.cumsum(jnp.sum(padded, axis=1, dtype=jnp.int32), dtype=jnp.int64)
+  # Counted in uint8 over rows of 128 first: summed straight to int32, XLA:CPU splits the reduction into a
+  # reduce-window it cannot fuse with the conversion, and holds an int32 copy of every flag (4 bytes an entry).
+  per_row = jnp.sum(padded.reshape(blocks, _TIE_BLOCK // 128, 128), axis=2, dtype=jnp.uint8)
+  before = jnp.cumsum(jnp.sum(per_row, axis=1, dtype=jnp.int32), dtype=jnp.int64)
   block = jnp.sum(before < n)
   n_in_block = n - jnp.where(block > 0, before[jnp.maximum(block - 1, 0)], 0)
   row = lax.dynamic_index_in_dim(padded, block, axis=0, keepdims=False)
   offset = jnp.sum(jnp.cumsum(row, dtype=jnp.int32) < n_in_block)
   return (block.astype(pos_dtype) * np.array(_TIE_BLOCK, pos_dtype)) + offset.astype(pos_dtype)
+
+
+def _bin(index: jax.Array, size: int, count_dtype) -> jax.Array:
+  """How many of the 1-d ``index`` fall in each of ``size`` buckets (every index in range).
+
+  A scatter of its own: ``.at[].add`` would widen 16-bit indices to int32 first, a copy of 4 bytes an entry.
+  """
+  dims = lax.ScatterDimensionNumbers(update_window_dims=(), inserted_window_dims=(0,),
+                                     scatter_dims_to_operand_dims=(0,))
+  ones = jnp.ones(index.shape, count_dtype)
+  return lax.scatter_add(jnp.zeros(size, count_dtype), index[:, None], ones, dims, indices_are_sorted=False,
+                         unique_indices=False, mode=lax.GatherScatterMode.PROMISE_IN_BOUNDS)
 
 
 def _chunks(index: jax.Array) -> list[jax.Array]:

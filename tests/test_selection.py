@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 
 import jaxprune
 from jaxprune import selection
-from torch_oracle import holder
+from torch_oracle import assert_same_up_to_ties, holder
 
 
 def stable_smallest(keys: np.ndarray, k: int) -> np.ndarray:
@@ -264,12 +264,15 @@ def test_small_bad_inputs_get_clear_errors():
     jaxprune.masked_optimizer("adam")
 
 
-def test_torch_and_jaxprune_agree_with_bits_and_counts_on_a_float16_model():
-  x = torch.randn(64, 33).half()
-  module = holder(x.numpy())
+@pytest.mark.parametrize("seed", range(8))
+def test_torch_and_jaxprune_agree_with_bits_and_counts_on_a_float16_model(seed):
+  """float16 holds ~1,000 values per binade, so 2,112 weights tie often: where a tie straddles the threshold torch's
+  pick is libstdc++'s (spec §4, about one draw in eight here), every other entry and the count must agree."""
+  x = torch.randn(64, 33, generator=torch.Generator().manual_seed(seed)).half()
+  module = holder(x.numpy(), "float16")
   tprune.l1_unstructured(module, "weight", amount=0.37)
-  np.testing.assert_array_equal(jaxprune.l1_unstructured(jnp.asarray(x.numpy()), 0.37),
-                                module.weight_mask.numpy() != 0)
+  assert_same_up_to_ties(jaxprune.l1_unstructured(jnp.asarray(x.numpy()), 0.37), module.weight_mask.numpy() != 0,
+                         np.abs(x.float().numpy()))
 
 
 def test_vmap_over_stacked_layers_equals_each_layer_on_its_own():

@@ -37,7 +37,9 @@ from jax.experimental.custom_partitioning import custom_partitioning
 from jax.sharding import NamedSharding, PartitionSpec
 
 _HISTOGRAM_LIMIT = 1 << 20  # buckets of one pass, all segments together: 4 MiB of int32
-_SCATTER_CHUNKS = 4
+_SCATTER_CHUNKS = 8
+_SCATTER_CHUNK_MIN = 1 << 19
+_SCATTER_GROUP = 2
 _TIE_BLOCK = 4096
 
 
@@ -291,18 +293,31 @@ def _select_op(mode: str, segments: tuple[int, ...], magnitudes_of: Optional[str
         return _split(chosen, [a.shape for a in arrays], like=first[0])
 
       def rank(flat, live):
-        keys = _keys_of(flat, magnitudes_of)
-        sentinel = _sentinel(keys.dtype)
-        if live is not None:
-          keys = jnp.where(live, keys, sentinel)
+        owned_flags = None
         if owned is not None:  # a replica that another device already counts
-          keys = jnp.where(concat([jnp.full(v.size, o) for v, o in zip(values, owned)]), keys, sentinel)
-        if mode == "positions" and starts is None and num_segments == 1:
+          owned_flags = concat([jnp.full(v.size, o) for v, o in zip(values, owned)])
+        cut_by_count = mode == "positions" and starts is None and num_segments == 1
+        tied_positions = positions() if mode == "positions" and not cut_by_count else None
+        sources = (flat, live, segment_of, owned_flags, tied_positions)
+
+        def keys_of(flat, live, segment_of, owned_flags, tied_positions):
+          keys = _keys_of(flat, magnitudes_of)
+          sentinel = _sentinel(keys.dtype)
+          if live is not None:
+            keys = jnp.where(live, keys, sentinel)
+          if owned_flags is not None:
+            keys = jnp.where(owned_flags, keys, sentinel)
+          if tied_positions is not None:
+            tied_at = second[0] if segment_of is None else second[segment_of]
+            keys = jnp.where(keys == tied_at, tied_positions, _sentinel(pos_dtype))
+          return keys, segment_of
+
+        if cut_by_count:
           # Laid end to end on one device, an entry's position is its index: find the take-th tied one by counts.
-          return _nth_true(keys == own(second), first[0], pos_dtype).reshape(1)
-        if mode == "positions":
-          keys = jnp.where(keys == own(second), positions(), _sentinel(pos_dtype))
-        return _radix_select(keys, segment_of, num_segments, first, reduce, int(offsets[-1]),
+          tied = lambda *chunk: keys_of(*chunk)[0] == second[0]  # noqa: E731
+          return _nth_true(tied, sources, int(offsets[-1]), first[0], pos_dtype).reshape(1)
+        udtype = pos_dtype if mode == "positions" else _keys_of(flat[:1], magnitudes_of).dtype
+        return _radix_select(keys_of, sources, udtype, num_segments, first, reduce, int(offsets[-1]),
                              positions=mode == "positions")
 
       if mode == "positions":  # `first` is 0 in every segment whose ties need no cut: then skip the passes
@@ -424,14 +439,16 @@ def _shard_index(mesh, names: tuple[str, ...]) -> jax.Array:
   return index
 
 
-def _radix_select(keys: jax.Array, segment_of: Optional[jax.Array], num_segments: int, k: jax.Array, reduce,
-                  total: int, positions: bool):
-  """Digit-by-digit k-th smallest of the 1-d unsigned ``keys``, per segment (``segment_of``: each key's).
+def _radix_select(keys_of, sources, udtype, num_segments: int, k: jax.Array, reduce, total: int,
+                  positions: bool):
+  """Digit-by-digit k-th smallest of unsigned ``udtype`` keys, per segment.
 
-  ``total`` is the number of keys on all devices: histograms are binned and summed in int32 below 2^31 keys (half
-  the bytes across devices), in int64 above.
+  ``keys_of(*sources)`` gives the keys of 1-d ``sources`` (a tuple of equal-length arrays, or None) and each key's
+  segment (None for one segment); it is applied to slices of them, never to the whole buffer at once. ``total``
+  is the number of keys on all devices: histograms are binned and summed in int32 below 2^31 keys (half the bytes
+  across devices), in int64 above.
   """
-  udtype = keys.dtype
+  size = next(s for s in sources if s is not None).shape[0]
   bits = _digit_bits(num_segments)
   buckets = 1 << bits
   count_dtype = jnp.int32 if total < np.iinfo(np.int32).max else jnp.int64
@@ -446,13 +463,19 @@ def _radix_select(keys: jax.Array, segment_of: Optional[jax.Array], num_segments
   index_dtype = jnp.uint16 if num_segments * buckets <= 1 << 16 else jnp.int32
   entries = None
   for shift in range(nbits - bits, -1, -bits):
-    digit = ((keys >> np.array(shift, udtype)) & digit_mask).astype(index_dtype)
-    if entries is not None:
-      high = np.array(shift + bits, udtype)
-      own_prefix = prefix[0] if segment_of is None else prefix[segment_of]
-      digit = jnp.where((keys >> high) == (own_prefix >> high), digit, np.array(0, index_dtype))
-    index = digit if segment_of is None else segment_of.astype(index_dtype) * np.array(buckets, index_dtype) + digit
-    hist = sum(_bin(part, num_segments * buckets, count_dtype) for part in _chunks(index))
+    high = np.array(shift + bits, udtype)
+
+    def index_of(*chunk):
+      keys, segment_of = keys_of(*chunk)
+      digit = ((keys >> np.array(shift, udtype)) & digit_mask).astype(index_dtype)
+      if entries is not None:
+        own_prefix = prefix[0] if segment_of is None else prefix[segment_of]
+        digit = jnp.where((keys >> high) == (own_prefix >> high), digit, np.array(0, index_dtype))
+      if segment_of is None:
+        return digit
+      return segment_of.astype(index_dtype) * np.array(buckets, index_dtype) + digit
+
+    hist = _histogram(index_of, sources, size, num_segments * buckets, count_dtype, like=k[0])
     hist = reduce(hist).astype(jnp.int64).reshape(num_segments, buckets)
     if entries is None:
       entries = jnp.sum(hist, axis=1)
@@ -463,25 +486,36 @@ def _radix_select(keys: jax.Array, segment_of: Optional[jax.Array], num_segments
   return prefix if positions else (prefix, below, ties)
 
 
-def _nth_true(flags: jax.Array, n: jax.Array, pos_dtype) -> jax.Array:
-  """The index of the ``n``-th (1-based) True of the 1-d ``flags``, given that there are at least ``n``.
+def _nth_true(flags_of, sources, size: int, n: jax.Array, pos_dtype) -> jax.Array:
+  """The index of the ``n``-th (1-based) True of ``flags_of(*sources)`` (1-d), given that there are at least ``n``.
 
   One pass counts the Trues of each block of _TIE_BLOCK entries; the running count over blocks names the block
   that holds the n-th, and a running count within that one block its place. Where a tie straddles the threshold
   (likely past ~10M float32 weights) this replaces a radix selection over every entry's position: one counting
-  pass instead of two scatter passes, and no buffer of positions (f32 scratch 13 -> 9 bytes an entry).
+  pass instead of two scatter passes, and no buffer of positions. The flags are never held whole: the counts are
+  taken as they are formed, and the one block is formed again from its slice of the sources.
   """
-  blocks = -(-flags.size // _TIE_BLOCK)
-  padded = jnp.pad(flags, (0, blocks * _TIE_BLOCK - flags.size)).reshape(blocks, _TIE_BLOCK)
+  if size < _TIE_BLOCK:  # one block
+    row = jnp.pad(flags_of(*sources), (0, _TIE_BLOCK - size))
+    return jnp.sum(jnp.cumsum(row, dtype=jnp.int32) < n).astype(pos_dtype)
+  blocks, whole = divmod(size, _TIE_BLOCK)
+  cut = lambda lo, hi: (None if s is None else s[lo:hi] for s in sources)  # noqa: E731
   # Counted in uint8 over rows of 128 first: summed straight to int32, XLA:CPU splits the reduction into a
   # reduce-window it cannot fuse with the conversion, and holds an int32 copy of every flag (4 bytes an entry).
-  per_row = jnp.sum(padded.reshape(blocks, _TIE_BLOCK // 128, 128), axis=2, dtype=jnp.uint8)
-  before = jnp.cumsum(jnp.sum(per_row, axis=1, dtype=jnp.int32), dtype=jnp.int64)
+  flags = flags_of(*cut(0, blocks * _TIE_BLOCK)).reshape(blocks, _TIE_BLOCK // 128, 128)
+  counts = jnp.sum(jnp.sum(flags, axis=2, dtype=jnp.uint8), axis=1, dtype=jnp.int32)
+  if whole:
+    counts = jnp.append(counts, jnp.sum(flags_of(*cut(blocks * _TIE_BLOCK, size)), dtype=jnp.int32))
+  before = jnp.cumsum(counts, dtype=jnp.int64)
   block = jnp.sum(before < n)
   n_in_block = n - jnp.where(block > 0, before[jnp.maximum(block - 1, 0)], 0)
-  row = lax.dynamic_index_in_dim(padded, block, axis=0, keepdims=False)
+  # The last block may be short: its row is the last _TIE_BLOCK entries, with those before the block masked out.
+  first = block * _TIE_BLOCK
+  start = jnp.minimum(first, size - _TIE_BLOCK)
+  row = flags_of(*(None if s is None else lax.dynamic_slice_in_dim(s, start, _TIE_BLOCK) for s in sources))
+  row = row & (jnp.arange(_TIE_BLOCK) >= first - start)
   offset = jnp.sum(jnp.cumsum(row, dtype=jnp.int32) < n_in_block)
-  return (block.astype(pos_dtype) * np.array(_TIE_BLOCK, pos_dtype)) + offset.astype(pos_dtype)
+  return start.astype(pos_dtype) + offset.astype(pos_dtype)
 
 
 def _bin(index: jax.Array, size: int, count_dtype) -> jax.Array:
@@ -496,11 +530,27 @@ def _bin(index: jax.Array, size: int, count_dtype) -> jax.Array:
                          unique_indices=False, mode=lax.GatherScatterMode.PROMISE_IN_BOUNDS)
 
 
-def _chunks(index: jax.Array) -> list[jax.Array]:
-  """Independent slices of a large buffer: XLA:CPU runs their scatters on separate cores (1.5x on two)."""
-  parts = min(_SCATTER_CHUNKS, max(1, index.size // (1 << 20)))
-  bounds = np.linspace(0, index.size, parts + 1).astype(np.int64)
-  return [index[lo:hi] for lo, hi in zip(bounds[:-1], bounds[1:])] if parts > 1 else [index]
+def _histogram(index_of, sources, size: int, buckets: int, count_dtype, like: jax.Array) -> jax.Array:
+  """Counts per bucket of ``index_of(*sources)``, formed chunk by chunk of the sources.
+
+  XLA:CPU runs independent scatters on separate cores, so the chunks go in groups of _SCATTER_GROUP. Each group
+  reads its chunks at offsets that depend on the counts so far (plus a zero XLA cannot fold), so that XLA does not
+  form every chunk's indices (2 bytes an entry) before the first is binned: one group's indices are held at a time.
+  The offsets are not constants either (see _opaque): XLA would turn a constant slice of the buffer of all arrays
+  into a copy of the arrays' own slices, one held per chunk.
+  """
+  parts = min(_SCATTER_CHUNKS, max(1, size // _SCATTER_CHUNK_MIN))
+  bounds = np.linspace(0, size, parts + 1).astype(np.int64)
+  starts = _opaque(bounds[:-1].tolist(), like) if parts > 1 else [0]
+  hist = jnp.zeros(buckets, count_dtype)
+  for g in range(0, parts, _SCATTER_GROUP):
+    after = (hist[0] < 0).astype(jnp.int64)  # 0, known only once the last group is binned
+    group = []
+    for start, n in zip(starts[g:g + _SCATTER_GROUP], np.diff(bounds)[g:g + _SCATTER_GROUP]):
+      chunk = (None if s is None else lax.dynamic_slice_in_dim(s, start + after, int(n)) for s in sources)
+      group.append(_bin(index_of(*chunk), buckets, count_dtype))
+    hist = hist + sum(group)
+  return hist
 
 
 def descend(hist: jax.Array, below: jax.Array, k: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:

@@ -57,6 +57,26 @@ def test_a_tie_straddling_blocks_is_cut_at_the_lowest_positions(seed):
   np.testing.assert_array_equal(np.concatenate([np.asarray(p) for p in picked]), expected)
 
 
+@pytest.mark.parametrize("dtype", [np.uint32, np.uint64])
+@pytest.mark.parametrize("segments", [(0, 0), (0, 1)])
+def test_histograms_formed_chunk_by_chunk_count_every_key_once(dtype, segments):
+  """Past a million keys the histograms are binned chunk by chunk (keys off the prefix at digit 0, counted back
+  out): with heavy ties, candidates, a short last block and one or two segments, the picks equal a stable sort's."""
+  rng = np.random.default_rng(len(segments) + np.dtype(dtype).itemsize)
+  keys = [(rng.integers(0, 50, n) << rng.integers(0, 2, n) * 20).astype(dtype) for n in (800_001, 900_007)]
+  live = [rng.random(x.size) < 0.9 for x in keys]
+  ks = [int(rng.integers(1, m.sum())) for m in live]
+  ks = ks if segments[1] else [int(rng.integers(1, sum(m.sum() for m in live)))]
+  picked = selection.smallest([jnp.asarray(x) for x in keys], ks, [jnp.asarray(m) for m in live], segments)
+  picked = np.concatenate([np.asarray(p) for p in picked])
+  groups = [(np.concatenate(keys), np.concatenate(live), ks[0], slice(None))] if not segments[1] else [
+      (x, m, k, slice(off, off + x.size)) for x, m, k, off in zip(keys, live, ks, (0, keys[0].size))]
+  for x, m, k, where in groups:
+    expected = np.zeros(x.size, bool)
+    expected[np.flatnonzero(m)[stable_smallest(x[m], k)]] = True
+    np.testing.assert_array_equal(picked[where], expected)
+
+
 @settings(max_examples=20)
 @given(sizes=st.lists(SIZES, min_size=1, max_size=20), data=st.data())
 def test_segments_rank_on_their_own(sizes, data):

@@ -207,6 +207,11 @@ def _smallest(values: tuple[jax.Array, ...], k: jax.Array, candidates: tuple[Opt
     return list(_run_op(mode, segments, magnitudes_of, has_cands, threshold, cutoff, *values, *cands))
 
 
+def _of_segment(per_segment: jax.Array, segment_of: Optional[jax.Array]) -> jax.Array:
+  """Each key's entry of a per-segment vector (``segment_of``: each key's segment, None for one segment)."""
+  return per_segment[0] if segment_of is None else per_segment[segment_of]
+
+
 def _sentinel(udtype) -> np.ndarray:
   return np.array(np.iinfo(udtype).max, udtype)
 
@@ -269,7 +274,7 @@ def _select_op(mode: str, segments: tuple[int, ...], magnitudes_of: Optional[str
       if num_segments > 1:
         small = np.uint8 if num_segments <= 256 else np.int32
         segment_of = concat([jnp.full(v.size, s, small) for v, s in zip(values, segments)])
-      own = lambda per_segment: per_segment[0] if segment_of is None else per_segment[segment_of]  # noqa: E731
+      own = lambda per_segment: _of_segment(per_segment, segment_of)  # noqa: E731
 
       def positions():
         if starts is None:  # laid end to end, an entry's position is its index in the buffer
@@ -308,15 +313,15 @@ def _select_op(mode: str, segments: tuple[int, ...], magnitudes_of: Optional[str
           if owned_flags is not None:
             keys = jnp.where(owned_flags, keys, sentinel)
           if tied_positions is not None:
-            tied_at = second[0] if segment_of is None else second[segment_of]
-            keys = jnp.where(keys == tied_at, tied_positions, _sentinel(pos_dtype))
+            keys = jnp.where(keys == _of_segment(second, segment_of), tied_positions, _sentinel(pos_dtype))
           return keys, segment_of
 
         if cut_by_count:
           # Laid end to end on one device, an entry's position is its index: find the take-th tied one by counts.
           tied = lambda *chunk: keys_of(*chunk)[0] == second[0]  # noqa: E731
           return _nth_true(tied, sources, int(offsets[-1]), first[0], pos_dtype).reshape(1)
-        udtype = pos_dtype if mode == "positions" else _keys_of(flat[:1], magnitudes_of).dtype
+        udtype = flat.dtype if magnitudes_of is None else _key_dtype(magnitudes_of)
+        udtype = pos_dtype if mode == "positions" else udtype
         return _radix_select(keys_of, sources, udtype, num_segments, first, reduce, int(offsets[-1]),
                              positions=mode == "positions")
 
@@ -469,8 +474,7 @@ def _radix_select(keys_of, sources, udtype, num_segments: int, k: jax.Array, red
       keys, segment_of = keys_of(*chunk)
       digit = ((keys >> np.array(shift, udtype)) & digit_mask).astype(index_dtype)
       if entries is not None:
-        own_prefix = prefix[0] if segment_of is None else prefix[segment_of]
-        digit = jnp.where((keys >> high) == (own_prefix >> high), digit, np.array(0, index_dtype))
+        digit = jnp.where((keys >> high) == (_of_segment(prefix, segment_of) >> high), digit, np.array(0, index_dtype))
       if segment_of is None:
         return digit
       return segment_of.astype(index_dtype) * np.array(buckets, index_dtype) + digit

@@ -361,7 +361,7 @@ def global_unstructured(params: PyTree, amount: Amount, *, masks: Optional[PyTre
   # Leaves of one dtype are laid end to end as they are (a bf16 model's buffer takes 2 bytes an entry, not 4): the
   # keys are formed after, in the score dtype, exactly. Mixed dtypes meet in the score dtype.
   dtype = ranked[0].dtype if len({r.dtype for r in ranked}) == 1 else selection.score_dtype([r.dtype for r in ranked])
-  if _on_host(ranked + [m for m in live if m is not None]) and len(ranked) > 1:
+  if selection.host_device(ranked + [m for m in live if m is not None]) is not None and len(ranked) > 1:
     pruned, total = _global_on_host(ranked, live, dtype, amount)
   else:
     pruned, total = _global(tuple(ranked), tuple(live), as_argument(amount), dtype)
@@ -384,38 +384,14 @@ def _global(scores: tuple, live: tuple, amount, dtype) -> tuple[list, jax.Array]
   return kept, total
 
 
-def _on_host(arrays) -> bool:
-  """Concrete arrays that all live on one CPU device: their bytes can be laid out with NumPy, without a copy."""
-  for a in arrays:
-    if isinstance(a, jax.core.Tracer):
-      return False
-    if isinstance(a, jax.Array) and (len(a.devices()) != 1 or next(iter(a.devices())).platform != "cpu"):
-      return False
-  return True
-
-
-def _padded_size(n: int) -> int:
-  """``n`` rounded up to one of 8 sizes per power of two, so that models of about one size share a program."""
-  step = 1 << max(int(n).bit_length() - 4, 0)
-  return -(-n // step) * step
-
-
 def _global_on_host(scores: list, live: list, dtype, amount) -> tuple[list, jax.Array]:
   """:func:`_global` on the leaves laid end to end: one program for any number of leaves of about this size.
 
   The padding is not a candidate, so it is never pruned and does not count.
   """
-  sizes = [int(np.size(s)) for s in scores]
-  n = sum(sizes)
-  flat = np.zeros(_padded_size(n), dtype)
-  np.concatenate([np.asarray(s).astype(dtype, copy=False).ravel() for s in scores], out=flat[:n])
-  mask = np.zeros(flat.size, bool)
-  offsets = np.cumsum([0] + sizes)
-  for m, lo, hi in zip(live, offsets[:-1], offsets[1:]):
-    mask[lo:hi] = True if m is None else np.asarray(m).ravel()
+  flat, mask = selection.lay_out_on_host(scores, live, dtype)
   (kept,), total = _global((jnp.asarray(flat),), (jnp.asarray(mask),), as_argument(amount), dtype)
-  kept = np.asarray(kept)
-  return [jnp.asarray(kept[lo:hi].reshape(np.shape(s))) for s, lo, hi in zip(scores, offsets[:-1], offsets[1:])], total
+  return selection.split_on_host(np.asarray(kept), [np.shape(s) for s in scores]), total
 
 
 def apply_masks(params: PyTree, masks: PyTree) -> PyTree:

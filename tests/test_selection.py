@@ -27,23 +27,35 @@ def stable_smallest(keys: np.ndarray, k: int) -> np.ndarray:
   return picked
 
 
-# Each structure compiles its own program: sizes come from a few values so examples share programs, and the
-# keys (the cheap part to vary) carry the randomness.
+# Each structure compiles its own program under jit: sizes come from a few values so examples share programs, and
+# the keys (the cheap part to vary) carry the randomness.
 SIZES = st.sampled_from([0, 1, 6, 33])
+# Eager calls on small CPU arrays rank them laid end to end on the host, per segment, padded (one program per
+# padded size); under jit the program ranks the arrays as they are. The engine tests run both ways.
+HOST_AND_JIT = pytest.mark.parametrize("jitted", [False, True], ids=["host", "jit"])
 
 
+def smallest(jitted: bool, keys, k, candidates=None, segments=None, complement=False):
+  if not jitted:
+    return selection.smallest(keys, k, candidates, segments, complement)
+  run = jax.jit(lambda keys, k, candidates: selection.smallest(keys, k, candidates, segments, complement))
+  return run(keys, jnp.asarray(k), candidates)
+
+
+@HOST_AND_JIT
 @settings(max_examples=20)
 @given(sizes=st.lists(SIZES, min_size=1, max_size=4), data=st.data())
-def test_many_arrays_rank_like_their_concatenation(sizes, data):
+def test_many_arrays_rank_like_their_concatenation(jitted, sizes, data):
   keys = [np.asarray(data.draw(st.lists(st.integers(0, 5), min_size=n, max_size=n)), np.uint32) for n in sizes]
   flat = np.concatenate(keys)
   k = data.draw(st.integers(0, flat.size))
-  picked = selection.smallest([jnp.asarray(x) for x in keys], k)
+  picked = smallest(jitted, [jnp.asarray(x) for x in keys], k)
   np.testing.assert_array_equal(np.concatenate([np.asarray(p) for p in picked]), stable_smallest(flat, k))
 
 
+@HOST_AND_JIT
 @pytest.mark.parametrize("seed", range(3))
-def test_a_tie_straddling_blocks_is_cut_at_the_lowest_positions(seed):
+def test_a_tie_straddling_blocks_is_cut_at_the_lowest_positions(seed, jitted):
   """Tied keys spread over many of the tie pass's blocks of 4096 entries, candidates and all: the k-th position is
   found by counts per block, then within one block, and equals a stable sort's."""
   rng = np.random.default_rng(seed)
@@ -51,7 +63,7 @@ def test_a_tie_straddling_blocks_is_cut_at_the_lowest_positions(seed):
   live = [rng.random(x.size) < 0.8 for x in keys]
   flat, alive = np.concatenate(keys), np.concatenate(live)
   k = int(rng.integers(1, alive.sum()))
-  picked = selection.smallest([jnp.asarray(x) for x in keys], k, [jnp.asarray(m) for m in live])
+  picked = smallest(jitted, [jnp.asarray(x) for x in keys], k, [jnp.asarray(m) for m in live])
   expected = np.zeros(flat.size, bool)
   expected[np.flatnonzero(alive)[stable_smallest(flat[alive], k)]] = True
   np.testing.assert_array_equal(np.concatenate([np.asarray(p) for p in picked]), expected)
@@ -77,23 +89,25 @@ def test_histograms_formed_chunk_by_chunk_count_every_key_once(dtype, segments):
     np.testing.assert_array_equal(picked[where], expected)
 
 
+@HOST_AND_JIT
 @settings(max_examples=20)
 @given(sizes=st.lists(SIZES, min_size=1, max_size=20), data=st.data())
-def test_segments_rank_on_their_own(sizes, data):
+def test_segments_rank_on_their_own(jitted, sizes, data):
   """One selection, one count per segment; 20 segments also exercise the narrow 8-bit digits."""
   keys = [np.asarray(data.draw(st.lists(st.integers(0, 300), min_size=n, max_size=n)), np.uint32) for n in sizes]
   ks = [data.draw(st.integers(0, x.size)) for x in keys]
-  picked = selection.smallest([jnp.asarray(x) for x in keys], ks, segments=range(len(keys)))
+  picked = smallest(jitted, [jnp.asarray(x) for x in keys], ks, segments=tuple(range(len(keys))))
   for p, x, k in zip(picked, keys, ks):
     np.testing.assert_array_equal(np.asarray(p), stable_smallest(x, k))
 
 
-def test_segments_shared_by_several_arrays_and_candidates():
+@HOST_AND_JIT
+def test_segments_shared_by_several_arrays_and_candidates(jitted):
   rng = np.random.default_rng(0)
   keys = [rng.integers(0, 4, n).astype(np.uint32) for n in (7, 9, 5, 11)]
   live = [rng.random(x.size) < 0.7 for x in keys]
   segments, ks = [1, 0, 1, 0], [6, 4]
-  picked = selection.smallest([jnp.asarray(x) for x in keys], ks, [jnp.asarray(m) for m in live], segments)
+  picked = smallest(jitted, [jnp.asarray(x) for x in keys], ks, [jnp.asarray(m) for m in live], tuple(segments))
   for segment, k in enumerate(ks):
     members = [i for i, s in enumerate(segments) if s == segment]
     flat = np.concatenate([np.where(live[i], keys[i], np.iinfo(np.uint32).max) for i in members])
@@ -136,9 +150,10 @@ def test_leaves_of_one_shape_share_one_compiled_kernel(method):
   assert len(copies_out) >= 40 and len(set(copies_out)) == 1
 
 
+@HOST_AND_JIT
 @settings(max_examples=15)
 @given(sizes=st.lists(SIZES, min_size=1, max_size=20), data=st.data())
-def test_complement_marks_the_candidates_left(sizes, data):
+def test_complement_marks_the_candidates_left(jitted, sizes, data):
   keys = [np.asarray(data.draw(st.lists(st.integers(0, 3), min_size=n, max_size=n)), np.uint32) for n in sizes]
   live = [np.asarray(data.draw(st.lists(st.booleans(), min_size=n, max_size=n)), bool) for n in sizes]
   segments = [data.draw(st.integers(0, 2)) for _ in sizes]
@@ -146,8 +161,8 @@ def test_complement_marks_the_candidates_left(sizes, data):
   segments = [used.index(s) for s in segments]
   ks = [data.draw(st.integers(0, sum(int(m.sum()) for m, s in zip(live, segments) if s == seg)))
         for seg in range(len(used))]
-  args = ([jnp.asarray(x) for x in keys], ks, [jnp.asarray(m) for m in live], segments)
-  picked, kept = selection.smallest(*args), selection.smallest(*args, complement=True)
+  args = ([jnp.asarray(x) for x in keys], ks, [jnp.asarray(m) for m in live], tuple(segments))
+  picked, kept = smallest(jitted, *args), smallest(jitted, *args, complement=True)
   for p, c, m in zip(picked, kept, live):
     np.testing.assert_array_equal(np.asarray(c), m & ~np.asarray(p))
 
@@ -256,6 +271,27 @@ def test_eager_host_layout_equals_the_jitted_program(n_leaves):
   n = sum(x.size for x in jax.tree.leaves(params))
   first = round(0.3 * n)
   assert sum(int((~m).sum()) for m in jax.tree.leaves(masks)) == first + round(0.5 * (n - first))
+
+
+def test_eager_calls_on_new_small_shapes_compile_no_new_selection():
+  """Small CPU arrays are ranked in a padded buffer: a method called eagerly on shape after shape compiles the
+  selection once, where each shape used to cost a compile (about 0.45 s), and gives the jitted program's masks."""
+  rng = np.random.default_rng(0)
+  shapes = [(3,), (4, 5), (2, 3, 4), (7, 7), (1, 9, 2), (30, 30)]
+  x = [jnp.asarray(np.round(rng.standard_normal(s), 1), jnp.float32) for s in shapes]
+  jaxprune.l1_unstructured(x[0], 0.5)
+  before = selection._smallest._cache_size()
+  for a in x[1:]:
+    mask = jaxprune.l1_unstructured(a, 0.4, mask=a > -1)
+    chex.assert_trees_all_equal(mask, jax.jit(lambda a: jaxprune.l1_unstructured(a, 0.4, mask=a > -1))(a))
+  assert selection._smallest._cache_size() == before
+
+
+def test_eager_masks_land_on_the_device_of_their_array():
+  x = jax.device_put(jnp.arange(12.0).reshape(3, 4), jax.devices()[3])
+  for mask in (jaxprune.l1_unstructured(x, 0.5), jaxprune.ln_structured(x, 1, 2, 0)):
+    assert mask.devices() == {jax.devices()[3]}
+    assert int((~mask).sum()) in (6, 4)
 
 
 def test_global_includes_a_masked_leaf_that_default_where_skips():

@@ -41,12 +41,14 @@ def _suites(args) -> dict[str, tuple[str, Callable[[Any], dict], str]]:
           [parse_size(n) for n in args.sizes.split(",")], amounts, args.repeats, parse_size(args.local_size),
           parse_size(args.sharded_size)), "format_tables"),
       "optim": ("benchmarks.bench_optim", lambda m: m.run(n_params=parse_size(args.optim_params)), "format_table"),
-      "interop": ("benchmarks.bench_interop", lambda m: m.run(size_bytes=parse_size(args.interop_size)),
+      "interop": ("benchmarks.bench_interop", lambda m: m.run(size_bytes=parse_size(args.interop_size),
+                                                                 repeats=args.repeats),
                   "format_table"),
       "structure": ("benchmarks.bench_structure", lambda m: m.run(
           args.structures.split(","), [int(n) for n in args.step_leaves.split(",")],
           10**5 if args.quick else 10**6, args.repeats, llama7b=not args.quick), "format_table"),
-      "inspect": ("benchmarks.bench_inspect", lambda m: m.run(n_tensors=args.inspect_tensors), "format_table"),
+      "inspect": ("benchmarks.bench_inspect", lambda m: m.run(n_tensors=args.inspect_tensors, repeats=args.repeats),
+                  "format_table"),
       "sparse": ("benchmarks.bench_sparse", lambda m: m.run(n_params=parse_size(args.sparse_params)), "format_table"),
       "cli": ("benchmarks.bench_cli", lambda m: m.run(2**26 if args.quick else 2**30), "format_table"),
   }

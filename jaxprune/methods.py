@@ -10,6 +10,7 @@ Scores are the importance scores when given, else the effective weight ``x * mas
 """
 from __future__ import annotations
 
+import functools
 from typing import Callable, NamedTuple, Optional, Sequence, Union
 
 import jax
@@ -162,22 +163,20 @@ def other_axes(x: jax.Array, axis: int) -> tuple[int, ...]:
   return tuple(d for d in range(x.ndim) if d != axis)
 
 
-def _channel_mask(x: jax.Array, axis: int, channels: jax.Array) -> jax.Array:
-  shape = [1] * x.ndim
-  shape[axis] = x.shape[axis]
-  return jnp.broadcast_to(channels.reshape(shape), x.shape)
+@functools.partial(jax.jit, static_argnames=("axis", "shape"))
+def _channels_kept(pruned: jax.Array, mask: Optional[jax.Array], axis: int, shape: tuple[int, ...]) -> jax.Array:
+  """The mask of ``shape`` that keeps the channels along ``axis`` not ``pruned`` (and what ``mask`` kept)."""
+  along = [1] * len(shape)
+  along[axis] = shape[axis]
+  kept = jnp.broadcast_to((~pruned).reshape(along), shape)
+  return kept if mask is None else kept & mask
 
 
 def _structured(channel_keys: jax.Array, x: jax.Array, amount: Amount, axis: int,
                 mask: Optional[jax.Array]) -> Ranking:
   """Ranks whole channels along ``axis`` by ``channel_keys``; ``amount`` is already validated."""
   live = None if mask is None else jnp.any(mask, axis=other_axes(x, axis))
-
-  def expand(pruned):
-    kept = _channel_mask(x, axis, ~pruned)
-    return kept if mask is None else kept & mask
-
-  return Ranking(channel_keys, live, amount, expand)
+  return Ranking(channel_keys, live, amount, lambda pruned: _channels_kept(pruned, mask, axis, x.shape))
 
 
 def random_structured(key: jax.Array, x: jax.Array, amount: Amount, axis: int, *,
@@ -195,30 +194,35 @@ def random_structured_ranking(key, x, amount, axis, *, mask=None) -> Ranking:
   return _structured(keys, x, amount, axis, mask)
 
 
-def vector_norm(t: jax.Array, n: Norm, axes: Sequence[int]) -> jax.Array:
-  """``torch.norm(t, p=n, dim=axes)`` as ``ln_structured`` uses it (spec §3.5), computed in >= float32."""
+def _norm_order(t: jax.Array, n: Norm, axes: tuple[int, ...]) -> Union[float, str]:
+  """``n`` checked against ``t`` and ``axes``: a float order, or ``"nuc"``."""
   if not jnp.issubdtype(t.dtype, jnp.floating) and not jnp.issubdtype(t.dtype, jnp.complexfloating):
     raise UnsupportedDtypeError(f"ln_structured needs a floating point tensor, got dtype {t.dtype}")
-  a = jnp.abs(t).astype(jnp.promote_types(jnp.abs(t).dtype, jnp.float32))
-  axes = tuple(axes)
   if isinstance(n, str):
     if n == "fro" and len(axes) in (1, 2):
-      n = 2
-    elif n == "nuc" and len(axes) == 2:
-      rest = [d for d in range(t.ndim) if d not in axes]
-      mats = jnp.moveaxis(t.astype(a.dtype), rest + list(axes), range(t.ndim))
-      return jnp.sum(jnp.linalg.svd(mats, compute_uv=False), axis=-1)
-    else:
-      raise UnsupportedNormError(
-          f"n={n!r} is not supported for a {t.ndim}-d tensor: 'fro' needs 2 or 3 dims, 'nuc' exactly 3; "
-          "use a number, inf or -inf")
+      return 2.0
+    if n == "nuc" and len(axes) == 2:
+      return n
+    raise UnsupportedNormError(
+        f"n={n!r} is not supported for a {t.ndim}-d tensor: 'fro' needs 2 or 3 dims, 'nuc' exactly 3; "
+        "use a number, inf or -inf")
   if n is None:
-    n = 2
+    return 2.0
   if isinstance(n, bool) or not isinstance(n, (int, float, np.integer, np.floating)):
     raise TypeError(f"n must be a number, inf, -inf, 'fro' or 'nuc', got {n!r}")
   n = float(n)
   if (n < 0 or n == np.inf) and any(t.shape[d] == 0 for d in axes):  # no identity element (torch refuses too)
     raise UnsupportedNormError(f"the {n} norm of an empty channel is undefined (shape {t.shape}, axes {axes})")
+  return n
+
+
+def _norm(t: jax.Array, n: Union[float, str], axes: tuple[int, ...]) -> jax.Array:
+  """``torch.norm(t, p=n, dim=axes)`` as ``ln_structured`` uses it (spec §3.5), computed in >= float32."""
+  a = jnp.abs(t).astype(jnp.promote_types(jnp.abs(t).dtype, jnp.float32))
+  if n == "nuc":
+    rest = [d for d in range(t.ndim) if d not in axes]
+    mats = jnp.moveaxis(t.astype(a.dtype), rest + list(axes), range(t.ndim))
+    return jnp.sum(jnp.linalg.svd(mats, compute_uv=False), axis=-1)
   if n == np.inf:
     return jnp.max(a, axis=axes, initial=0)
   if n == -np.inf:
@@ -230,6 +234,23 @@ def vector_norm(t: jax.Array, n: Norm, axes: Sequence[int]) -> jax.Array:
   if n == 2:
     return jnp.sqrt(jnp.sum(a * a, axis=axes))
   return jnp.sum(a ** n, axis=axes) ** (1.0 / n)
+
+
+def _norm_keys(scores: jax.Array, weight_mask: Optional[jax.Array], n: Norm, axes: Sequence[int],
+               rounded: bool = True) -> jax.Array:
+  """Keys of the L``n`` norms over ``axes`` of ``scores`` (masked by ``weight_mask`` when given); ``rounded``: the
+  norms rounded to a floating ``scores``'s dtype, so that channels torch sees as tied are tied here too."""
+  return _norm_keys_of(scores, weight_mask, _norm_order(scores, n, tuple(axes)), tuple(axes), rounded)
+
+
+@functools.partial(jax.jit, static_argnames=("n", "axes", "rounded"))
+def _norm_keys_of(scores, weight_mask, n, axes, rounded):
+  # One program per shape (see _nm_kept).
+  scores = effective(scores, weight_mask)
+  norms = _norm(scores, n, axes)
+  if rounded and jnp.issubdtype(scores.dtype, jnp.floating):
+    norms = norms.astype(scores.dtype)
+  return selection.sortable_keys(norms)
 
 
 def ln_structured(x: jax.Array, amount: Amount, n: Norm, axis: int, *, mask: Optional[jax.Array] = None,
@@ -258,11 +279,9 @@ def ln_structured_ranking(x, amount, n, axis, *, mask=None, importance_scores=No
   mask = check_mask(mask, x)
   axis = normalize_axis(x, axis)
   validate_amount(amount)
-  scores = check_scores(importance_scores, x) if importance_scores is not None else effective(x, mask)
-  norms = vector_norm(scores, n, other_axes(x, axis))
-  if jnp.issubdtype(scores.dtype, jnp.floating):
-    norms = norms.astype(scores.dtype)
-  return _structured(selection.sortable_keys(norms), x, amount, axis, mask)
+  keys = _norm_keys(x, mask, n, other_axes(x, axis)) if importance_scores is None else _norm_keys(
+      check_scores(importance_scores, x), None, n, other_axes(x, axis))
+  return _structured(keys, x, amount, axis, mask)
 
 
 def custom_from_mask(x: jax.Array, mask_to_apply: jax.Array, *, mask: Optional[jax.Array] = None) -> jax.Array:
@@ -301,17 +320,24 @@ def nm_structured(x: jax.Array, n: int, m: int, axis: int = -1, *, mask: Optiona
   if x.shape[axis] % m:
     raise ValueError(f"N:M pruning with m={m} needs the size of axis {axis} to be a multiple of {m}, "
                      f"got shape {x.shape}")
-  keys = _abs_keys(check_scores(importance_scores, x))
+  return _nm_kept(check_rankable(check_scores(importance_scores, x)), mask, int(n), int(m), axis)
+
+
+@functools.partial(jax.jit, static_argnames=("n", "m", "axis"))
+def _nm_kept(scores: jax.Array, mask: Optional[jax.Array], n: int, m: int, axis: int) -> jax.Array:
+  # One program per shape: called eagerly, its dozen operations would each compile on their own.
+  shape, ndim = scores.shape, scores.ndim
+  keys = selection.sortable_keys(scores, magnitude=True)
   if mask is not None:
     keys = jnp.where(mask, keys, jnp.zeros((), keys.dtype))  # pruned entries rank below every live one
   # Split only `axis` into (groups, m): the other axes, and their sharding, are untouched.
-  groups = keys.reshape(x.shape[:axis] + (x.shape[axis] // m, m) + x.shape[axis + 1:])
+  groups = keys.reshape(shape[:axis] + (shape[axis] // m, m) + shape[axis + 1:])
   this, other = jnp.expand_dims(groups, axis + 2), jnp.expand_dims(groups, axis + 1)
-  pair = (1,) * (axis + 1) + (m, m) + (1,) * (x.ndim - axis - 1)
+  pair = (1,) * (axis + 1) + (m, m) + (1,) * (ndim - axis - 1)
   later = (lax.broadcasted_iota(jnp.int32, (m, m), 1) > lax.broadcasted_iota(jnp.int32, (m, m), 0)).reshape(pair)
   # Rank of each entry inside its group, largest first; on equal keys the higher index ranks first.
   rank = jnp.sum((other > this) | ((other == this) & later), axis=axis + 2)
-  keep = (rank < n).reshape(x.shape)
+  keep = (rank < n).reshape(shape)
   return keep if mask is None else keep & mask
 
 
@@ -339,17 +365,19 @@ def block_structured_ranking(x, amount, block_shape, *, n=1, mask=None, importan
     raise ValueError(f"block_shape {block_shape} must give one positive size per axis, each dividing the "
                      f"tensor's shape {x.shape}")
   validate_amount(amount)
-  scores = check_scores(importance_scores, x) if importance_scores is not None else effective(x, mask)
   tiled = tuple(d for s, b in zip(x.shape, block_shape) for d in (s // b, b))
   inner = tuple(range(1, 2 * x.ndim, 2))
-  norms = vector_norm(scores.reshape(tiled), n, inner)
+  if importance_scores is None:
+    keys = _norm_keys(x.reshape(tiled), None if mask is None else mask.reshape(tiled), n, inner, rounded=False)
+  else:
+    keys = _norm_keys(check_scores(importance_scores, x).reshape(tiled), None, n, inner, rounded=False)
   live = None if mask is None else jnp.any(mask.reshape(tiled), axis=inner)
 
   def expand(pruned):
     kept = jnp.broadcast_to(jnp.expand_dims(~pruned, inner), tiled).reshape(x.shape)
     return kept if mask is None else kept & mask
 
-  return Ranking(selection.sortable_keys(norms), live, amount, expand)
+  return Ranking(keys, live, amount, expand)
 
 
 RANKINGS = {"l1_unstructured": l1_unstructured_ranking, "random_unstructured": random_unstructured_ranking,

@@ -19,3 +19,15 @@ settings.register_profile("ci", max_examples=40, deadline=None, suppress_health_
                           derandomize=True)
 settings.register_profile("dev", max_examples=15, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+
+
+def pytest_collection_modifyitems(config, items):
+  """Files that hold a test marked ``slow`` run first.
+
+  Under ``--dist loadfile --no-loadscope-reorder`` xdist hands out files in this order: a long file started last
+  holds one worker while the others idle (xdist's own reorder, by test count, put the one-test benchmark files
+  last). The order of the tests inside a file is kept.
+  """
+  del config
+  slow = {item.path for item in items if item.get_closest_marker("slow")}
+  items.sort(key=lambda item: item.path not in slow)

@@ -1,7 +1,9 @@
 """The structure, inspect and sparse benchmark suites run end to end on tiny sizes (see test_benchmarks.py)."""
+import pytest
 from test_benchmarks import run_benchmarks
 
 
+@pytest.mark.slow
 def test_structure_inspect_and_sparse_suites_run(tmp_path):
   suites = run_benchmarks(tmp_path, "--only", "structure,inspect,sparse", "--structures", "sweep:3:30K",
                           "--step-leaves", "3", "--inspect-tensors", "200", "--sparse-params", "100K")

@@ -10,6 +10,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 
 def run_benchmarks(tmp_path, *args):
   env = dict(os.environ)
@@ -24,6 +26,7 @@ def run_benchmarks(tmp_path, *args):
   return results["suites"]
 
 
+@pytest.mark.slow
 def test_benchmark_suite_runs_and_compares_like_for_like(tmp_path):
   suites = run_benchmarks(tmp_path, "--only", "prune,optim,interop", "--sizes", "100K", "--local-size", "100K",
                           "--sharded-size", "100K", "--optim-params", "100K", "--interop-size", "5M")

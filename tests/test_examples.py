@@ -31,6 +31,7 @@ def _torch_weights(net: torch.nn.Module) -> list[torch.Tensor]:
   return [m.weight.detach() for m in net.modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))]
 
 
+@pytest.mark.slow
 def test_lenet_digits_reaches_95_percent_and_torch_predicts_the_same(tmp_path):
   result = lenet_digits.main(["--short", "--out", str(tmp_path)])
   rows = result["rows"]
@@ -55,6 +56,7 @@ def test_lenet_digits_reaches_95_percent_and_torch_predicts_the_same(tmp_path):
     assert f.read(8) == b"\x89PNG\r\n\x1a\n"
 
 
+@pytest.mark.slow
 def test_resnet18_pruned_in_torch_fine_tuned_in_jax_loads_back_into_torch(tmp_path):
   result = resnet18_from_torch.main(["--short", "--out", str(tmp_path)])
   assert result["pruned_stayed_zero"] and result["max_abs_pruned"] == 0.0
@@ -127,6 +129,7 @@ def test_an_example_runs_as_a_script():
   assert "identical: True" in proc.stdout
 
 
+@pytest.mark.slow
 def test_sparse_training_keeps_exact_budgets_and_every_method_learns(tmp_path):
   import sparse_training  # pylint: disable=import-outside-toplevel
   from jaxprune import budgets  # pylint: disable=import-outside-toplevel

@@ -26,6 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxprune import methods as _methods
+from jaxprune import selection
 from jaxprune.amounts import Amount, num_to_prune, validate_amount
 from jaxprune.pytree import Where, is_masked, path_str, selector
 from jaxprune.pytree import prune as _prune
@@ -170,7 +171,7 @@ def prune_to(params: PyTree, budget: PyTree, method: Union[str, Callable] = "l1_
       amounts.append(None)
       continue
     old = old if old is not None and is_masked(old, x) else None
-    already = 0 if old is None else int(np.size(x)) - jnp.sum(jnp.asarray(old), dtype=jnp.int32)
+    already = 0 if old is None else int(np.size(x)) - selection.count_true(old, jnp.int32)
     try:
       amounts.append(jnp.maximum(num_to_prune(s, int(np.size(x))) - already, 0))
     except (ValueError, TypeError) as err:

@@ -72,7 +72,7 @@ def live_count(live: Optional[jax.Array], size: int):
   if live is None:
     return size
   if isinstance(live, jax.core.Tracer):
-    return jnp.sum(live, dtype=jax.dtypes.canonicalize_dtype(np.int64))
+    return selection.count_true(live, jax.dtypes.canonicalize_dtype(np.int64))
   return int(np.sum(np.asarray(live)))
 
 

@@ -29,6 +29,7 @@ from jaxprune.amounts import num_to_prune
 from jaxprune.optim import MaskedState, MasksLike, Semantics, check_semantics, masked_optimizer
 from jaxprune.pytree import Where, global_unstructured, is_masked, path_str, prune, unboxed
 from jaxprune.schedules import ScheduleLike, as_schedule
+from jaxprune.selection import count_true
 
 PyTree = Any
 Budget = Callable[[PyTree, jax.Array], PyTree]  # (params, overall sparsity) -> a sparsity per leaf (jaxprune.budgets)
@@ -70,14 +71,14 @@ def _method_name(method: Union[str, Callable]) -> str:
 def _live_units(name: str, x: jax.Array, mask: jax.Array, kwargs: dict) -> tuple[int, jax.Array]:
   """How many units (entries, channels or blocks) the method counts in ``x``, and how many are still live."""
   if name in _UNSTRUCTURED:
-    return x.size, jnp.sum(mask, dtype=jnp.int32)
+    return x.size, count_true(mask, jnp.int32)
   if name in _STRUCTURED:
     axis = _methods.normalize_axis(x, kwargs["axis"])
-    return x.shape[axis], jnp.sum(jnp.any(mask, axis=_methods.other_axes(x, axis)), dtype=jnp.int32)
+    return x.shape[axis], count_true(jnp.any(mask, axis=_methods.other_axes(x, axis)), jnp.int32)
   blocks = tuple(int(b) for b in kwargs["block_shape"])
   tiled = tuple(d for s, b in zip(x.shape, blocks) for d in (s // b, b))
   live = jnp.any(mask.reshape(tiled), axis=tuple(range(1, 2 * x.ndim, 2)))
-  return live.size, jnp.sum(live, dtype=jnp.int32)
+  return live.size, count_true(live, jnp.int32)
 
 
 def _new_count(sparsity: jax.Array, total: int, live: jax.Array) -> jax.Array:
@@ -95,7 +96,7 @@ def _prune(name: str, params: PyTree, masks: PyTree, sparsity: jax.Array, key: O
   if name == _GLOBAL:
     total = sum(flat[i][1].size for i in chosen)
     with jax.enable_x64(True):  # a model past 2^31 entries counts exactly; the count stays 64-bit into the selection
-      live = sum((jnp.sum(flat_masks[i], dtype=jnp.int64) for i in chosen), jnp.zeros((), jnp.int64))
+      live = sum((count_true(flat_masks[i]) for i in chosen), jnp.zeros((), jnp.int64))
       count = _new_count(sparsity, jnp.int64(total), live)
     paths = {path_str(flat[i][0]) for i in chosen}
     return global_unstructured(params, count, masks=masks, where=lambda path, _: path in paths)

@@ -361,8 +361,9 @@ def global_unstructured(params: PyTree, amount: Amount, *, masks: Optional[PyTre
   # Leaves of one dtype are laid end to end as they are (a bf16 model's buffer takes 2 bytes an entry, not 4): the
   # keys are formed after, in the score dtype, exactly. Mixed dtypes meet in the score dtype.
   dtype = ranked[0].dtype if len({r.dtype for r in ranked}) == 1 else selection.score_dtype([r.dtype for r in ranked])
-  if selection.host_device(ranked + [m for m in live if m is not None]) is not None and len(ranked) > 1:
-    pruned, total = _global_on_host(ranked, live, dtype, amount)
+  device = selection.host_device(ranked + [m for m in live if m is not None])
+  if device is not None and len(ranked) > 1:
+    pruned, total = _global_on_host(ranked, live, dtype, amount, device)
   else:
     pruned, total = _global(tuple(ranked), tuple(live), as_argument(amount), dtype)
   _check_count(None, amount, total)
@@ -384,14 +385,14 @@ def _global(scores: tuple, live: tuple, amount, dtype) -> tuple[list, jax.Array]
   return kept, total
 
 
-def _global_on_host(scores: list, live: list, dtype, amount) -> tuple[list, jax.Array]:
+def _global_on_host(scores: list, live: list, dtype, amount, device) -> tuple[list, jax.Array]:
   """:func:`_global` on the leaves laid end to end: one program for any number of leaves of about this size.
 
   The padding is not a candidate, so it is never pruned and does not count.
   """
-  flat, mask = selection.lay_out_on_host(scores, live, dtype)
-  (kept,), total = _global((jnp.asarray(flat),), (jnp.asarray(mask),), as_argument(amount), dtype)
-  return selection.split_on_host(np.asarray(kept), [np.shape(s) for s in scores]), total
+  flat, mask = selection.lay_out_on_host(scores, live, dtype, device)
+  (kept,), total = _global((flat,), (mask,), as_argument(amount), dtype)
+  return selection.split_on_host(np.asarray(kept), [np.shape(s) for s in scores], device), total
 
 
 def apply_masks(params: PyTree, masks: PyTree) -> PyTree:

@@ -73,7 +73,7 @@ def drop_and_grow(weights: jax.Array, mask: jax.Array, grow_keys: jax.Array, fra
     The new mask, with exactly as many True entries as ``mask``. Growth picks among all entries inactive after
     the drop, those just dropped included (RigL's rule): one dropped and grown again stays live with its weight.
   """
-  live = jnp.sum(mask, dtype=jnp.int32)
+  live = selection.count_true(mask, jnp.int32)
   k = num_to_prune(jnp.asarray(fraction, jnp.float32), live)
   dropped = selection.smallest([selection.sortable_keys(jnp.abs(weights))], k, [mask])[0]
   kept = mask & ~dropped

@@ -120,13 +120,14 @@ def count_true(flags: jax.Array, dtype=jnp.int64) -> jax.Array:
   holds whole: ``jnp.sum(flags, dtype=jnp.int64)`` of 10M flags holds 76 MiB of scratch and takes 26 ms on a
   2-core CPU. Here the flags are first summed in uint8 over groups of at most 32 along the last axis (a divisor
   of it, so that no axis is merged and a sharded one stays as it is; XLA fuses a sum that short with the
-  conversion): the same count holds 3 MiB. A last axis with no divisor from 8 to 32 is summed plainly.
+  conversion): the same count holds 3 MiB. Below 2^16 flags (a copy of at most 512 KiB), or along a last axis
+  with no divisor from 8 to 32, the flags are summed plainly, which compiles to fewer kernels.
   """
   flags = jnp.asarray(flags)
   last = flags.shape[-1] if flags.ndim else 1
   group = max(d for d in range(1, min(last, _COUNT_GROUP) + 1) if last % d == 0) if last else 1
   with jax.enable_x64(True):
-    if group < 8:  # no useful grouping of this axis: the plain sum
+    if group < 8 or flags.size < 1 << 16:
       return jnp.sum(flags, dtype=dtype)
     grouped = flags.reshape(flags.shape[:-1] + (last // group, group))
     return jnp.sum(jnp.sum(grouped, axis=-1, dtype=jnp.uint8), dtype=dtype)

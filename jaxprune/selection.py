@@ -43,7 +43,7 @@ _SCATTER_GROUP = 2
 _TIE_BLOCK = 4096
 _COUNT_GROUP = 32
 # Eager calls on at most this many CPU entries are laid out on the host in padded sizes (see _select_on_host).
-_HOST_LAYOUT_LIMIT = 1 << 20
+HOST_LAYOUT_LIMIT = 1 << 20
 _HOST_LAYOUT_MIN = 1 << 10
 _ALIGNMENT = 64  # what XLA:CPU needs to take a host buffer without copying it
 
@@ -189,7 +189,7 @@ def _select(values, k, candidates, segments, magnitudes_of: Optional[str], compl
   if k.shape[0] != num_segments:
     raise ValueError(f"expected one count per segment ({num_segments}), got {k.shape[0]}")
   device = host_device(values + tuple(c for c in candidates if c is not None))
-  if device is not None and sum(v.size for v in values) <= _HOST_LAYOUT_LIMIT:
+  if device is not None and sum(v.size for v in values) <= HOST_LAYOUT_LIMIT:
     return _select_on_host(values, k, candidates, segments, magnitudes_of, complement, device)
   return _smallest(values, k, candidates, segments, magnitudes_of, complement)
 

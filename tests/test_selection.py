@@ -314,6 +314,22 @@ def test_eager_calls_on_new_small_shapes_compile_no_new_selection():
   assert selection._smallest._cache_size() == before
 
 
+def test_eager_random_draws_on_new_shapes_compile_nothing_new_and_equal_the_jitted_ones():
+  """Draws of a padded 1-d size cut to the shape are the shape's own draws (partitionable threefry), so an eager
+  random_unstructured on a new shape reuses the draw program, and its mask is the jitted call's."""
+  shapes = [(3,), (2, 3, 4), (30, 30)]
+  keys = [jax.random.key(1), jax.random.PRNGKey(2), jax.random.fold_in(jax.random.key(3), 4)]
+  jaxprune.random_unstructured(keys[0], jnp.ones((2, 2)), 0.5)
+  before = jaxprune.methods._padded_uniform_keys._cache_size()
+  for shape in shapes:
+    for key in keys:
+      x = jnp.ones(shape)
+      mask = jaxprune.random_unstructured(key, x, 0.4, mask=x > 0)
+      chex.assert_trees_all_equal(mask, jax.jit(lambda k, x: jaxprune.random_unstructured(k, x, 0.4, mask=x > 0))(
+          key, x))
+  assert jaxprune.methods._padded_uniform_keys._cache_size() <= before + 1  # uint32 keys: a second key type
+
+
 def test_eager_masks_land_on_the_device_of_their_array():
   x = jax.device_put(jnp.arange(12.0).reshape(3, 4), jax.devices()[3])
   for mask in (jaxprune.l1_unstructured(x, 0.5), jaxprune.ln_structured(x, 1, 2, 0)):

@@ -138,8 +138,11 @@ def random_unstructured(key: jax.Array, x: jax.Array, amount: Amount, *,
 
 def random_unstructured_ranking(key, x, amount, *, mask=None) -> Ranking:
   x = jnp.asarray(x)
-  mask = check_mask(mask, x)
-  return _unstructured(_uniform_keys(key, x), amount, mask)
+  return _random_unstructured_of_keys(_uniform_keys(key, x), x, amount, mask=mask)
+
+
+def _random_unstructured_of_keys(keys, x, amount, *, mask=None) -> Ranking:
+  return _unstructured(keys, amount, check_mask(mask, x))
 
 
 def _uniform_keys(key: jax.Array, x: jax.Array) -> jax.Array:
@@ -214,10 +217,36 @@ def random_structured(key: jax.Array, x: jax.Array, amount: Amount, axis: int, *
 def random_structured_ranking(key, x, amount, axis, *, mask=None) -> Ranking:
   x = jnp.asarray(x)
   mask = check_mask(mask, x)
+  draws = jax.random.uniform(key, random_draw_shape("random_structured", x, axis), jnp.float32)
+  return _random_structured_of_keys(selection.sortable_keys(draws), x, amount, axis, mask=mask)
+
+
+def _random_structured_of_keys(keys, x, amount, axis, *, mask=None) -> Ranking:
+  mask = check_mask(mask, x)
   axis = normalize_axis(x, axis)
   validate_amount(amount)
-  keys = selection.sortable_keys(jax.random.uniform(key, (x.shape[axis],), jnp.float32))
   return _structured(keys, x, amount, axis, mask)
+
+
+def random_draw_shape(name: str, x: jax.Array, axis: Optional[int] = None, **_) -> tuple[int, ...]:
+  """The shape of the uniform draw that the random method ``name`` ranks ``x`` by (an entry's or a channel's)."""
+  return tuple(x.shape) if name == "random_unstructured" else (x.shape[normalize_axis(x, axis)],)
+
+
+def uniform_keys_by_shape(key: jax.Array, indices: jax.Array, shapes: Sequence[tuple[int, ...]]) -> list[jax.Array]:
+  """For each ``i``, the keys of ``uniform(fold_in(key, indices[i]), shapes[i])``: the draws a random method ranks
+  leaf ``i`` by, drawn in one vmapped program per distinct shape (a draw per leaf put a threefry per leaf in the
+  program: a local random prune of 500 leaves compiled in 59 s)."""
+  groups: dict = {}
+  for i, shape in enumerate(shapes):
+    groups.setdefault(tuple(shape), []).append(i)
+  out = [None] * len(shapes)
+  for shape, members in groups.items():
+    keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(indices[np.array(members)])
+    draws = jax.vmap(lambda k, shape=shape: jax.random.uniform(k, shape, jnp.float32))(keys)
+    for j, keys_of_leaf in zip(members, selection.sortable_keys(draws)):
+      out[j] = keys_of_leaf
+  return out
 
 
 def _norm_order(t: jax.Array, n: Norm, axes: tuple[int, ...]) -> Union[float, str]:
@@ -411,3 +440,7 @@ RANKINGS = {"l1_unstructured": l1_unstructured_ranking, "random_unstructured": r
             "block_structured": block_structured_ranking}
 """The methods that prune the ``amount`` smallest units of a ranking, by name: :func:`jaxprune.prune` ranks all
 leaves of a model in one selection with them."""
+
+RANDOM_RANKINGS_OF_KEYS = {"random_unstructured": _random_unstructured_of_keys,
+                           "random_structured": _random_structured_of_keys}
+"""The random methods' rankings given the keys of their draws (see :func:`uniform_keys_by_shape`)."""

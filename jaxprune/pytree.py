@@ -300,12 +300,21 @@ def _prune_leaves(name: str, kwargs: tuple, args: tuple, key, indices: jax.Array
         raise _LeafError(position, err) from err
     return masks, [None] * len(masks)
   build = _methods.RANKINGS[name]
+  if name in _RANDOM_METHODS:  # every leaf's draw at once, one program per distinct shape
+    build = _methods.RANDOM_RANKINGS_OF_KEYS[name]
+    shapes = []
+    for position, (x, *_) in enumerate(args):
+      try:
+        shapes.append(_methods.random_draw_shape(name, x, **kwargs))
+      except (ValueError, TypeError, IndexError) as err:
+        raise _LeafError(position, err) from err
+    draws = _methods.uniform_keys_by_shape(key, indices, shapes)
   rankings = []
   with jax.enable_x64(True):
     decoded = [from_argument(amount) for (*_, amount) in args]
   for position, ((x, mask, score, _), amount) in enumerate(zip(args, decoded)):
     extra = {} if score is None else {"importance_scores": score}
-    lead = (jax.random.fold_in(key, indices[position]), x) if name in _RANDOM_METHODS else (x,)
+    lead = (draws[position], x) if name in _RANDOM_METHODS else (x,)
     try:
       rankings.append(build(*lead, amount, mask=mask, **extra, **kwargs))
     except (ValueError, TypeError, IndexError) as err:

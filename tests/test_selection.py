@@ -132,6 +132,27 @@ def test_the_program_holds_the_same_histograms_for_3_or_60_leaves():
   assert _histogram_passes(3) == _histogram_passes(60) > 0
 
 
+@pytest.mark.parametrize("method, kwargs", [("random_unstructured", {}), ("random_structured", {"axis": 1})])
+def test_a_random_prune_draws_once_per_shape_not_once_per_leaf(method, kwargs):
+  """A draw per leaf put a threefry per leaf in the program: a local random prune of 500 leaves compiled in 59 s.
+  The leaves of one shape are drawn by one vmapped draw, and each still gets uniform(fold_in(key, i), shape)."""
+  key = jax.random.key(0)
+
+  def draws(n_leaves, shapes=((8, 4),)):
+    params = {f"w{i:02d}": jax.ShapeDtypeStruct(shapes[i % len(shapes)], jnp.float32) for i in range(n_leaves)}
+    text = jax.jit(lambda p: jaxprune.prune(p, method, amount=0.5, key=key, **kwargs)).lower(params).as_text()
+    return len(re.findall(r"call @_uniform(_\d+)?\(", text))  # each call site of the draw is a threefry in the program
+
+  assert draws(3) == draws(40) == 1
+  assert draws(40, ((8, 4), (6, 5))) == 2
+  rng = np.random.default_rng(0)
+  params = {f"w{i}": jnp.asarray(rng.standard_normal((4, 6) if i % 2 else (3, 5)), jnp.float32) for i in range(5)}
+  masks = jax.jit(lambda p: jaxprune.prune(p, method, amount=0.5, key=key, **kwargs))(params)
+  for i, (name, x) in enumerate(params.items()):
+    own = getattr(jaxprune, method)(jax.random.fold_in(key, i), x, 0.5, **kwargs)
+    np.testing.assert_array_equal(np.asarray(masks[name]), np.asarray(own))
+
+
 def _computations(text: str) -> list[str]:
   """The bodies of an HLO module's computations, with names and metadata cut, so that equal programs compare equal."""
   bodies = re.findall(r"\n%\S+ \([^\n]*\{\n(.*?)\n\}", text, flags=re.S)

@@ -378,7 +378,7 @@ def _select_op(mode: str, segments: tuple[int, ...], magnitudes_of: Optional[str
       pos_dtype = _position_dtype(int(offsets[-1]))
       segment_of = None
       if num_segments > 1:
-        small = np.uint8 if num_segments <= 256 else np.int32
+        small = np.uint8 if num_segments <= 256 else np.uint16 if num_segments <= 1 << 16 else np.int32
         segment_of = concat([jnp.full(v.size, s, small) for v, s in zip(values, segments)])
       own = lambda per_segment: _of_segment(per_segment, segment_of)  # noqa: E731
 

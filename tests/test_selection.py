@@ -101,6 +101,17 @@ def test_segments_rank_on_their_own(jitted, sizes, data):
     np.testing.assert_array_equal(np.asarray(p), stable_smallest(x, k))
 
 
+def test_past_256_segments_each_ranks_on_its_own():
+  """Past 256 segments the segment ids are 16-bit (they were int32, 4 bytes an entry): a jitted local prune of 260
+  leaves equals each leaf pruned on its own."""
+  rng = np.random.default_rng(0)
+  params = {f"w{i:03d}": jnp.asarray(rng.integers(-3, 4, (2, 3)), jnp.float32) for i in range(260)}
+  masks = jax.jit(lambda p: jaxprune.prune(p, "l1_unstructured", amount=0.5))(params)
+  for name, x in params.items():
+    pruned = stable_smallest(np.abs(np.asarray(x)).ravel(), 3).reshape(2, 3)
+    np.testing.assert_array_equal(np.asarray(masks[name]), ~pruned)
+
+
 @HOST_AND_JIT
 def test_segments_shared_by_several_arrays_and_candidates(jitted):
   rng = np.random.default_rng(0)

@@ -325,8 +325,17 @@ def _prune_leaves(name: str, kwargs: tuple, args: tuple, key, indices: jax.Array
     live = [_methods.live_count(r.live, r.keys.size) for r in rankings]
     live = [jnp.asarray(n, jnp.int64) for n in live]
     ks = jnp.stack([num_to_prune(r.amount, n) for r, n in zip(rankings, live)])
-  pruned = selection.smallest([r.keys for r in rankings], ks, [r.live for r in rankings],
-                              segments=range(len(rankings)))
+  segments = range(len(rankings))
+  magnitudes = [x if score is None else score for x, _, score, _ in args]
+  if name == "l1_unstructured" and all(jnp.issubdtype(m.dtype, jnp.floating) for m in magnitudes):
+    # The keys of |x| formed on the buffer of all leaves (exact: floats widen exactly), and the kept entries
+    # (the live ones not selected, which is what the mask becomes) read off it: no key computation and no mask
+    # update per leaf in the program (the per-leaf keys go unused and XLA drops them).
+    dtypes = {m.dtype for m in magnitudes}
+    dtype = dtypes.pop() if len(dtypes) == 1 else selection.score_dtype([m.dtype for m in magnitudes])
+    magnitudes = [m if m.dtype == dtype else m.astype(dtype) for m in magnitudes]
+    return selection.smallest_magnitudes(magnitudes, ks, [r.live for r in rankings], segments, complement=True), live
+  pruned = selection.smallest([r.keys for r in rankings], ks, [r.live for r in rankings], segments=segments)
   return [r.expand(p) for r, p in zip(rankings, pruned)], live
 
 

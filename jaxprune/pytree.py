@@ -331,9 +331,6 @@ def _prune_leaves(name: str, kwargs: tuple, args: tuple, key, indices: jax.Array
     # The keys of |x| formed on the buffer of all leaves (exact: floats widen exactly), and the kept entries
     # (the live ones not selected, which is what the mask becomes) read off it: no key computation and no mask
     # update per leaf in the program (the per-leaf keys go unused and XLA drops them).
-    dtypes = {m.dtype for m in magnitudes}
-    dtype = dtypes.pop() if len(dtypes) == 1 else selection.score_dtype([m.dtype for m in magnitudes])
-    magnitudes = [m if m.dtype == dtype else m.astype(dtype) for m in magnitudes]
     return selection.smallest_magnitudes(magnitudes, ks, [r.live for r in rankings], segments, complement=True), live
   pruned = selection.smallest([r.keys for r in rankings], ks, [r.live for r in rankings], segments=segments)
   return [r.expand(p) for r, p in zip(rankings, pruned)], live
@@ -376,14 +373,11 @@ def global_unstructured(params: PyTree, amount: Amount, *, masks: Optional[PyTre
       live.append(_methods.check_mask(_old_mask(old_masks[i], x), x))
     except (ValueError, TypeError) as err:
       raise _with_path(path, err) from err
-  # Leaves of one dtype are laid end to end as they are (a bf16 model's buffer takes 2 bytes an entry, not 4): the
-  # keys are formed after, in the score dtype, exactly. Mixed dtypes meet in the score dtype.
-  dtype = ranked[0].dtype if len({r.dtype for r in ranked}) == 1 else selection.score_dtype([r.dtype for r in ranked])
   device = selection.host_device(ranked + [m for m in live if m is not None])
   if device is not None and len(ranked) > 1:
-    pruned, total = _global_on_host(ranked, live, dtype, amount, device)
+    pruned, total = _global_on_host(ranked, live, amount, device)
   else:
-    pruned, total = _global(tuple(ranked), tuple(live), as_argument(amount), dtype)
+    pruned, total = _global(tuple(ranked), tuple(live), as_argument(amount))
   _check_count(None, amount, total)
   out = [UNMASKED if old is None else old for old in old_masks]
   for i, p in zip(chosen, pruned):
@@ -391,25 +385,24 @@ def global_unstructured(params: PyTree, amount: Amount, *, masks: Optional[PyTre
   return jax.tree_util.tree_unflatten(treedef, out)
 
 
-@functools.partial(jax.jit, static_argnames="dtype")
-def _global(scores: tuple, live: tuple, amount, dtype) -> tuple[list, jax.Array]:
+@jax.jit
+def _global(scores: tuple, live: tuple, amount) -> tuple[list, jax.Array]:
   """The kept entries of every leaf after one global ranking, and how many entries were live."""
   with jax.enable_x64(True):
     total = sum((jnp.asarray(_methods.live_count(m, s.size), jnp.int64) for m, s in zip(live, scores)),
                 jnp.zeros((), jnp.int64))
     k = num_to_prune(from_argument(amount), total)
-  kept = selection.smallest_magnitudes([s.astype(dtype) if s.dtype != dtype else s for s in scores], k, live,
-                                      complement=True)
+  kept = selection.smallest_magnitudes(scores, k, live, complement=True)
   return kept, total
 
 
-def _global_on_host(scores: list, live: list, dtype, amount, device) -> tuple[list, jax.Array]:
+def _global_on_host(scores: list, live: list, amount, device) -> tuple[list, jax.Array]:
   """:func:`_global` on the leaves laid end to end: one program for any number of leaves of about this size.
 
   The padding is not a candidate, so it is never pruned and does not count.
   """
-  flat, mask = selection.lay_out_on_host(scores, live, dtype, device)
-  (kept,), total = _global((flat,), (mask,), as_argument(amount), dtype)
+  flat, mask = selection.lay_out_on_host(scores, live, selection.layout_dtype([s.dtype for s in scores]), device)
+  (kept,), total = _global((flat,), (mask,), as_argument(amount))
   return selection.split_on_host(np.asarray(kept), [np.shape(s) for s in scores], device), total
 
 

@@ -156,10 +156,18 @@ def smallest_magnitudes(scores: Sequence[jax.Array], k, candidates: Optional[Seq
                         segments: Optional[Sequence[int]] = None, complement: bool = False) -> list[jax.Array]:
   """:func:`smallest` of the keys of ``|scores|``, ranked together in their common :func:`score_dtype`.
 
-  The keys are formed once the scores are laid end to end, so the program holds one key computation, not one
-  per array.
+  The keys are formed once the scores are laid end to end (in :func:`layout_dtype`), so the program holds one key
+  computation, not one per array.
   """
-  return _select(scores, k, candidates, segments, str(score_dtype([jnp.result_type(s) for s in scores])), complement)
+  dtype = layout_dtype([jnp.result_type(s) for s in scores])
+  scores = [s if jnp.result_type(s) == dtype else jnp.asarray(s).astype(dtype) for s in scores]
+  return _select(scores, k, candidates, segments, str(score_dtype([dtype])), complement)
+
+
+def layout_dtype(dtypes: Sequence) -> np.dtype:
+  """The dtype scores of ``dtypes`` are laid end to end in: their own when they share one (a bf16 model takes 2
+  bytes an entry, not 4; keys are formed after, exactly), else their :func:`score_dtype` (floats widen exactly)."""
+  return np.dtype(dtypes[0]) if len(set(np.dtype(d) for d in dtypes)) == 1 else score_dtype(dtypes)
 
 
 def _opaque(constants: Sequence[int], like: jax.Array) -> list[jax.Array]:

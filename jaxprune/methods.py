@@ -155,14 +155,19 @@ def _uniform_keys(key: jax.Array, x: jax.Array) -> jax.Array:
   device = selection.host_device([key, x])
   if (device is None or x.size > selection.HOST_LAYOUT_LIMIT or not jax.config.jax_threefry_partitionable
       or _prng_impl(key) != "threefry2x32"):
-    return selection.sortable_keys(jax.random.uniform(key, x.shape, jnp.float32))
+    return _draw_keys(key, x.shape)
   keys = np.asarray(_padded_uniform_keys(key, selection.padded_size(x.size)))
   return jax.device_put(keys[:x.size].reshape(x.shape), device)
 
 
+def _draw_keys(key: jax.Array, shape: tuple[int, ...]) -> jax.Array:
+  """The keys of a float32 uniform draw of ``shape``: what the random methods rank units by."""
+  return selection.sortable_keys(jax.random.uniform(key, shape, jnp.float32))
+
+
 @functools.partial(jax.jit, static_argnames="size")
 def _padded_uniform_keys(key: jax.Array, size: int) -> jax.Array:
-  return selection.sortable_keys(jax.random.uniform(key, (size,), jnp.float32))
+  return _draw_keys(key, (size,))
 
 
 def _prng_impl(key: jax.Array) -> str:
@@ -217,8 +222,8 @@ def random_structured(key: jax.Array, x: jax.Array, amount: Amount, axis: int, *
 def random_structured_ranking(key, x, amount, axis, *, mask=None) -> Ranking:
   x = jnp.asarray(x)
   mask = check_mask(mask, x)
-  draws = jax.random.uniform(key, random_draw_shape("random_structured", x, axis), jnp.float32)
-  return _random_structured_of_keys(selection.sortable_keys(draws), x, amount, axis, mask=mask)
+  keys = _draw_keys(key, random_draw_shape("random_structured", x, axis))
+  return _random_structured_of_keys(keys, x, amount, axis, mask=mask)
 
 
 def _random_structured_of_keys(keys, x, amount, axis, *, mask=None) -> Ranking:
@@ -242,9 +247,8 @@ def uniform_keys_by_shape(key: jax.Array, indices: jax.Array, shapes: Sequence[t
     groups.setdefault(tuple(shape), []).append(i)
   out = [None] * len(shapes)
   for shape, members in groups.items():
-    keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(indices[np.array(members)])
-    draws = jax.vmap(lambda k, shape=shape: jax.random.uniform(k, shape, jnp.float32))(keys)
-    for j, keys_of_leaf in zip(members, selection.sortable_keys(draws)):
+    keys = jax.vmap(lambda i, shape=shape: _draw_keys(jax.random.fold_in(key, i), shape))(indices[np.array(members)])
+    for j, keys_of_leaf in zip(members, keys):
       out[j] = keys_of_leaf
   return out
 
